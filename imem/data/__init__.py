@@ -1,0 +1,1 @@
+"""Corpus loading, the embedded corpus generator and dataset preparation."""

@@ -1,0 +1,95 @@
+"""Reading ``params.yaml`` sections with defaults and strict key checking.
+
+Every section has a schema of defaults; a key the schema does not know is an error naming it
+(``prepare.pairs.topp``), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imem.errors import ImemError
+
+SYNTH = {
+    "seed": 20201012,
+    "out": "data",
+    "n_songs": 100,
+    "n_long_songs": 3,
+    "long_song_seconds": [60, 100],
+    "sample_rate": 44100,
+    "n_iaps": 240,
+    "n_naps": 120,
+    "n_emotic": 120,
+    "image_width": 320,
+    "image_height": 240,
+    "label_noise": 0.08,
+}
+
+PREPARE = {
+    "seed": 42,
+    "corpus_root": "data",
+    "music": {"format": "deam", "dir": "DEAM"},
+    "images": [{"format": "iaps", "dir": "IAPS"}, {"format": "naps", "dir": "NAPS"},
+               {"format": "emotic", "dir": "EMOTIC"}],
+    "normalization": "data",
+    "clip_seconds": 2.0,
+    "check_media": True,
+    "split": {"train": 0.8, "val": 0.05, "test": 0.15},
+    "pairs": {
+        "source": "sample",
+        "top": 10,
+        "bottom": 10,
+        "random": 30,
+        "keep_fraction": 0.1,
+        "imemnet_dir": "IMEMNet",
+        "chunk_size": 512,
+    },
+}
+
+SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE}
+
+# Keys whose value is a free-form mapping checked by its own module (a source's loader options).
+OPEN_KEYS = {"prepare.music", "prepare.images"}
+
+
+def params_path() -> Path:
+    """``params.yaml`` of the DVC project: ``$DVC_ROOT`` inside a stage, else the working directory."""
+    root = os.environ.get("DVC_ROOT")
+    return Path(root) / "params.yaml" if root else Path("params.yaml")
+
+
+def _merge(defaults: Any, given: Any, where: str) -> Any:
+    if where in OPEN_KEYS or not isinstance(defaults, dict):
+        return copy.deepcopy(given)
+    if not isinstance(given, dict):
+        raise ImemError(f"params: '{where}' must be a mapping, got {type(given).__name__}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ImemError(
+            f"params: unknown key '{where}.{unknown[0]}' (known: {', '.join(sorted(defaults))})"
+        )
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        out[key] = _merge(defaults[key], value, f"{where}.{key}")
+    return out
+
+
+def section(name: str, raw: dict[str, Any] | None = None, path: str | os.PathLike | None = None) -> dict:
+    """The ``name`` section of params.yaml merged over its defaults; unknown keys raise ImemError."""
+    if name not in SCHEMAS:
+        raise ImemError(f"params: no such section '{name}' (known: {', '.join(SCHEMAS)})")
+    if raw is None:
+        path = Path(path) if path else params_path()
+        if path.exists():
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ImemError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        else:
+            raw = {}
+    return _merge(SCHEMAS[name], raw.get(name) or {}, name)
