@@ -77,7 +77,7 @@ def test_keep_fraction_seed_and_chunk_independence():
 def test_small_pool_takes_what_exists():
     clips, images = _tables(30, 36)  # 12 images per split: 10 top, 2 bottom, 0 random
     sp = sample_pairs(clips, images, keep_fraction=1.0, seed=0, progress=False)
-    for s, p in sp.pairs.items():
+    for _s, p in sp.pairs.items():
         assert p.groupby("clip_id").size().eq(12).all()
         assert not p.duplicated(["clip_id", "image_id"]).any()
 

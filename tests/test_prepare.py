@@ -71,7 +71,7 @@ def test_prepare_end_to_end(corpus, tmp_path):
         assert len(p) == round(0.5 * len(prep.clips[s]) * 7)
     # normalised per source into [0, 1], touching both ends
     for df in (clips, images):
-        for src, g in df.groupby("source"):
+        for _src, g in df.groupby("source"):
             assert g["valence"].min() == 0 and g["valence"].max() == 1
     iaps = images[images["source"] == "iaps"]
     k = prep.stats["normalization"]["iaps"]["valence"]

@@ -83,7 +83,8 @@ def split_ids(ids: np.ndarray, fractions: dict, seed: int, what: str) -> dict[st
     return assign
 
 
-def prepare(params: dict, progress: bool = True) -> Prepared:
+def load_items(params: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Clips and images with VA normalised per source (columns valence/arousal, raw ones kept)."""
     root = Path(params["corpus_root"])
     if not root.is_dir():
         raise ImemError(f"corpus directory not found: {root} (run `imem synth` or put the corpora there)")
@@ -106,13 +107,24 @@ def prepare(params: dict, progress: bool = True) -> Prepared:
                                                      params["normalization"])
     images[["valence", "arousal"]], i_norm = normalise(images[["valence", "arousal"]], images["source"], scales,
                                                       params["normalization"])
+    return clips, images, {**c_norm, **i_norm}
+
+
+def assign_splits(clips: pd.DataFrame, images: pd.DataFrame, params: dict) -> None:
+    """Music split by song, images by image (seeded, in place)."""
+    seed = int(params["seed"])
+    clips["split"] = clips["song_id"].map(split_ids(clips["song_id"].to_numpy(), params["split"], seed, "songs"))
+    images["split"] = images["image_id"].map(
+        split_ids(images["image_id"].to_numpy(), params["split"], seed + 1, "images"))
+
+
+def prepare(params: dict, progress: bool = True) -> Prepared:
+    root = Path(params["corpus_root"])
+    clips, images, norm = load_items(params)
     pp = params["pairs"]
     seed = int(params["seed"])
     if pp["source"] == "sample":
-        song_split = split_ids(clips["song_id"].to_numpy(), params["split"], seed, "songs")
-        image_split = split_ids(images["image_id"].to_numpy(), params["split"], seed + 1, "images")
-        clips["split"] = clips["song_id"].map(song_split)
-        images["split"] = images["image_id"].map(image_split)
+        assign_splits(clips, images, params)
         sampled = sample_pairs(clips, images, top=int(pp["top"]), bottom=int(pp["bottom"]),
                                random=int(pp["random"]), keep_fraction=float(pp["keep_fraction"]),
                                seed=seed + 2, chunk_size=int(pp["chunk_size"]), progress=progress)
@@ -144,6 +156,7 @@ def prepare(params: dict, progress: bool = True) -> Prepared:
     else:
         raise ImemError(f"params: prepare.pairs.source = {pp['source']!r} is not one of: sample, imemnet")
 
+    pairs = {s: pairs[s] for s in SPLITS if s in pairs}
     for s, p in pairs.items():
         if len(p) == 0:
             raise ImemError(f"split {s!r} has no pairs (keep_fraction {pp['keep_fraction']} too small?)")
@@ -161,7 +174,7 @@ def prepare(params: dict, progress: bool = True) -> Prepared:
             }
             for s in SPLITS
         },
-        "normalization": {"mode": params["normalization"], **c_norm, **i_norm},
+        "normalization": {"mode": params["normalization"], **norm},
         "pair_source": pp["source"],
         "leakage_clean": bool(audit["clean"]),
     }

@@ -1,0 +1,43 @@
+# The README's two set-up commands:  `make repro` (main job) and `make test` (tests).
+# Each installs whatever is missing first (a virtualenv in .venv with the pinned torch triple).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install repro test data lint bench clean-venv
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# The embedded corpus: generated only when data/ is absent, then checked against data.dvc.
+data: install
+	@if [ ! -d data ]; then \
+	  echo "data/ is absent: generating the embedded corpus (imem synth)"; \
+	  imem synth --quiet && \
+	  if ! dvc status --quiet data.dvc; then \
+	    echo "error: the generated corpus does not match data.dvc (changed 'synth' params? then run 'dvc add data' and commit data.dvc)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+repro: data
+	dvc repro
+	dvc metrics show
+
+test: install
+	python -m pytest
+
+lint: install
+	ruff check imem stages tests benchmarks
+
+bench: install
+	python benchmarks/bench_pairs.py
+
+clean-venv:
+	rm -rf $(VENV)
