@@ -51,7 +51,18 @@ PREPARE = {
     },
 }
 
-SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE}
+FEATURES = {
+    "clip_seconds": 2.0,
+    "handcrafted": True,
+    "waveform_rates": [16000],
+    "image_size": 224,
+    "batch_size": 16,
+    "short_clip": "error",
+    "device": "cpu",
+    "image_workers": 2,
+}
+
+SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE, "features": FEATURES}
 
 # Keys whose value is a free-form mapping checked by its own module (a source's loader options).
 OPEN_KEYS = {"prepare.music", "prepare.images"}
