@@ -62,10 +62,41 @@ FEATURES = {
     "image_workers": 2,
 }
 
-SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE, "features": FEATURES}
+TRAIN = {
+    "common": {
+        "seed": 1,
+        "device": "cpu",
+        "epochs": 20,
+        "batch_size": 128,
+        "fc_only": True,
+        "cache_batch_size": 32,
+        "optimizer": "sgd",
+        "lr": 0.001,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "scheduler": "step",
+        "step_size": 10,
+        "gamma": 0.1,
+        "loss_mode": "sum",
+        "loss_weights": {"cfr": 1.0, "cfm": 1.0, "sfr_image": 1.0, "sfr_music": 1.0, "sim": 1.0,
+                         "va_image": 1.0, "va_music": 1.0},
+        "margin": 0.5,
+        "distance": "squared",
+        "embed_dim": 512,
+        "decoder_hidden": [256, 128],
+        "dropout": 0.5,
+        "head_norm": "batchnorm",
+        "clip_seconds": 2.0,
+    },
+    "encoders": {},
+    "variants": {},
+}
+
+SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE, "features": FEATURES, "train": TRAIN}
 
 # Keys whose value is a free-form mapping checked by its own module (a source's loader options).
-OPEN_KEYS = {"prepare.music", "prepare.images"}
+OPEN_KEYS = {"prepare.music", "prepare.images", "train.encoders", "train.variants",
+             "train.common.loss_weights"}
 
 
 def params_path() -> Path:

@@ -1,0 +1,1 @@
+"""Neural encoders for images and music (BEATs, ...)."""

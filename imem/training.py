@@ -1,0 +1,447 @@
+"""Training a variant: data, the frozen-backbone cache, the epoch loop, checkpoints and resume.
+
+Defaults follow the papers: SGD with momentum 0.9, lr 1e-3, StepLR x0.1 every 10 epochs, batch 128
+(AdamW + cosine as an option). ``fc_only`` freezes the backbones: their outputs for every clip and image
+are computed once (eval mode, no grad) and cached in memory, and the epochs run the heads and decoders
+on that cache. That is the fast path, not an approximation: the frozen backbones would produce the
+very same outputs every epoch.
+
+Checkpoints (written atomically): ``best.pt`` (lowest validation total) and ``last.pt`` (with the
+optimizer, scheduler, loss-combiner state and every RNG state), so ``resume`` continues a stopped run
+and ends with the same weights and metrics as an uninterrupted one (CPU; tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from imem.errors import ImemError
+from imem.features.store import FeatureStore, beats_fbank
+from imem.io import atomic_path, write_csv, write_json
+from imem.losses import LOSS_NAMES, LossCombiner, NonFiniteLoss, cdcml_losses, mse
+from imem.models.matching import MatchingModel, build_model
+
+KINDS = ("matching", "unimodal_image", "unimodal_music")
+SPLITS = ("train", "val", "test")
+
+
+# --- configuration -------------------------------------------------------------------------------------
+
+def variant_config(train_params: dict, variant: str) -> dict:
+    """``train.common`` overridden by ``train.variants.<variant>``, encoder names resolved to their specs."""
+    variants = train_params["variants"]
+    if variant not in variants:
+        raise ImemError(f"params: no variant {variant!r} under train.variants (have: {', '.join(variants)})")
+    cfg = copy.deepcopy(train_params["common"])
+    over = dict(variants[variant])
+    unknown = sorted(set(over) - set(cfg) - {"kind", "image_encoder", "music_encoder", "image_head", "music_head"})
+    if unknown:
+        raise ImemError(f"params: unknown key 'train.variants.{variant}.{unknown[0]}'")
+    cfg.update(over)
+    cfg["variant"] = variant
+    if cfg.get("kind") not in KINDS:
+        raise ImemError(f"params: train.variants.{variant}.kind = {cfg.get('kind')!r} is not one of: {', '.join(KINDS)}")
+    for side in ("image", "music"):
+        key = f"{side}_encoder"
+        needed = cfg["kind"] in ("matching", f"unimodal_{side}")
+        if not needed:
+            cfg.pop(key, None)
+            cfg.pop(f"{side}_head", None)
+            continue
+        name = cfg.get(key)
+        if name not in train_params["encoders"]:
+            raise ImemError(f"params: train.variants.{variant}.{key} = {name!r} is not under train.encoders "
+                            f"(have: {', '.join(train_params['encoders'])})")
+        cfg[key] = dict(train_params["encoders"][name], name=name)
+        cfg.setdefault(f"{side}_head", "pool")
+    unknown_w = sorted(set(cfg["loss_weights"]) - set(LOSS_NAMES))
+    if unknown_w:
+        raise ImemError(f"params: unknown loss 'train.common.loss_weights.{unknown_w[0]}' (known: {', '.join(LOSS_NAMES)})")
+    return cfg
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SplitData:
+    music_rows: torch.Tensor  # (P,) store rows of the pairs' clips
+    image_rows: torch.Tensor
+    score: torch.Tensor  # (P,)
+    image_va: torch.Tensor  # (P, 2)
+    music_va: torch.Tensor  # (P, 2)
+    items_image: tuple[torch.Tensor, torch.Tensor]  # every image of the split: rows, VA
+    items_music: tuple[torch.Tensor, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+def load_split(prepare_dir: Path, store: FeatureStore, split: str) -> SplitData:
+    d = Path(prepare_dir) / split
+    if not (d / "pairs.csv").is_file():
+        raise ImemError(f"no prepared split {split!r} in {prepare_dir} (run the prepare stage)")
+    clips = pd.read_csv(d / "clips.csv", dtype={"clip_id": str, "song_id": str})
+    images = pd.read_csv(d / "images.csv", dtype={"image_id": str})
+    pairs = pd.read_csv(d / "pairs.csv", dtype={"clip_id": str, "image_id": str})
+    pairs = pairs.merge(clips[["clip_id", "valence", "arousal"]], on="clip_id")
+    pairs = pairs.merge(images[["image_id", "valence", "arousal"]], on="image_id", suffixes=("_m", "_i"))
+
+    def t(x, dtype=torch.float32):
+        return torch.as_tensor(np.array(x), dtype=dtype)
+
+    return SplitData(
+        music_rows=t(store.clip_rows(pairs["clip_id"]), torch.long),
+        image_rows=t(store.image_rows(pairs["image_id"]), torch.long),
+        score=t(pairs["score"]),
+        image_va=t(pairs[["valence_i", "arousal_i"]].to_numpy()),
+        music_va=t(pairs[["valence_m", "arousal_m"]].to_numpy()),
+        items_image=(t(store.image_rows(images["image_id"]), torch.long), t(images[["valence", "arousal"]].to_numpy())),
+        items_music=(t(store.clip_rows(clips["clip_id"]), torch.long), t(clips[["valence", "arousal"]].to_numpy())),
+    )
+
+
+class Inputs:
+    """Model inputs from the feature store for an encoder spec (ResNet/ViT images, ResNet handcrafted, BEATs fbank)."""
+
+    def __init__(self, store: FeatureStore, spec: dict, side: str):
+        self.store, self.side, self.type = store, side, spec["type"]
+        self.image_size = int(spec.get("image_size", 224)) if self.type == "vit" else None
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.numpy()
+        if self.side == "image":
+            x = self.store.image_batch(rows)
+            if self.image_size and x.shape[-1] != self.image_size:
+                x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                                    antialias=True, align_corners=False)
+            return x
+        if self.type == "beats":
+            return beats_fbank(self.store.waveform(rows, 16000))
+        if self.type == "resnet":
+            return self.store.handcrafted(rows)
+        raise ImemError(f"params: a {self.type} encoder cannot take music input (use resnet or beats)")
+
+
+@torch.no_grad()
+def backbone_cache(backbone: torch.nn.Module, fetch: Inputs, rows: torch.Tensor, batch_size: int,
+                   device: torch.device, desc: str, progress: bool) -> tuple[torch.Tensor, dict[int, int]]:
+    """Frozen-backbone outputs for the unique ``rows``: (n, ...) float32 on CPU and row -> index."""
+    uniq = torch.unique(rows)
+    backbone.eval()
+    outs = []
+    for start in tqdm(range(0, len(uniq), batch_size), desc=desc, unit="batch", disable=not progress):
+        x = fetch(uniq[start:start + batch_size]).to(device)
+        with _autocast(device):
+            outs.append(backbone(x).float().cpu())
+    return torch.cat(outs), {int(r): i for i, r in enumerate(uniq.tolist())}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ImemError(f"params: train.common.device = {name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: dict, prepare_dir: str | Path, features_dir: str | Path, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.device = _device(cfg["device"])
+        torch.manual_seed(int(cfg["seed"]))
+        self.kind = cfg["kind"]
+        self.store = FeatureStore(features_dir)
+        self.data = {s: load_split(Path(prepare_dir), self.store, s) for s in SPLITS}
+        for s, d in self.data.items():
+            n = len(d) if cfg["kind"] == "matching" else len(self._items(d)[0])
+            if n < 2:
+                raise ImemError(f"split {s!r} has {n} training examples for variant {cfg['variant']}: need at least 2")
+        self.model = build_model(cfg).to(self.device)
+        self.sides = {"matching": ("image", "music"), "unimodal_image": ("image",), "unimodal_music": ("music",)}[self.kind]
+        self.backbones = {side: self._backbone(side) for side in self.sides}
+        self.fetch = {side: Inputs(self.store, cfg[f"{side}_encoder"], side) for side in self.sides}
+        self.fc_only = bool(cfg["fc_only"])
+        if self.fc_only:
+            for bb in self.backbones.values():
+                for p in bb.parameters():
+                    p.requires_grad_(False)
+        self.combiner = LossCombiner(cfg["loss_mode"], cfg["loss_weights"])
+        names = LOSS_NAMES if self.kind == "matching" else (f"va_{self.sides[0]}",)
+        self.active = self.combiner.active(names)
+        if not self.active:
+            raise ImemError("params: every loss weight is 0: nothing to train")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg["optimizer"] == "sgd":
+            self.opt = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
+                                       weight_decay=float(cfg["weight_decay"]))
+        elif cfg["optimizer"] == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+        else:
+            raise ImemError(f"params: train optimizer {cfg['optimizer']!r} is not one of: sgd, adamw")
+        if cfg["scheduler"] == "step":
+            self.sched = torch.optim.lr_scheduler.StepLR(self.opt, int(cfg["step_size"]), float(cfg["gamma"]))
+        elif cfg["scheduler"] == "cosine":
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, int(cfg["epochs"]))
+        else:
+            raise ImemError(f"params: train scheduler {cfg['scheduler']!r} is not one of: step, cosine")
+        self.gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        self.cache: dict[str, tuple[torch.Tensor, dict]] = {}
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best = {"val_total": math.inf, "epoch": -1}
+
+    def _backbone(self, side: str) -> torch.nn.Module:
+        m = self.model
+        return (m.image_backbone if side == "image" else m.music_backbone) if isinstance(m, MatchingModel) else m.backbone
+
+    def _items(self, d: SplitData):
+        return d.items_image if self.kind == "unimodal_image" else d.items_music
+
+    def build_cache(self) -> float:
+        """Frozen-backbone outputs for every row any split uses; returns the seconds it took."""
+        t0 = time.perf_counter()
+        for side in self.sides:
+            rows = torch.cat([getattr(d, f"{side}_rows") if self.kind == "matching" else self._items(d)[0]
+                              for d in self.data.values()] + [getattr(d, f"items_{side}")[0] for d in self.data.values()])
+            self.cache[side] = backbone_cache(self.backbones[side], self.fetch[side], rows, int(self.cfg["cache_batch_size"]),
+                                              self.device, f"{self.cfg['variant']}: {side} backbone cache", self.progress)
+        return time.perf_counter() - t0
+
+    def _h(self, side: str, rows: torch.Tensor) -> torch.Tensor:
+        if self.fc_only:
+            feats, index = self.cache[side]
+            return feats[torch.tensor([index[int(r)] for r in rows])].to(self.device)
+        return self.backbones[side](self.fetch[side](rows).to(self.device))
+
+    def _step_batches(self, n: int, shuffle: bool) -> list[torch.Tensor]:
+        order = torch.randperm(n, generator=self.gen) if shuffle else torch.arange(n)
+        bs = int(self.cfg["batch_size"])
+        batches = [order[i:i + bs] for i in range(0, n, bs)]
+        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm needs >= 2 samples in training mode
+            batches[-2] = torch.cat([batches[-2], batches.pop()])
+        return batches
+
+    def _losses(self, d: SplitData, idx: torch.Tensor) -> dict:
+        dev = self.device
+        if self.kind == "matching":
+            with _autocast(dev):
+                out = self.model.heads(self._h("image", d.image_rows[idx]), self._h("music", d.music_rows[idx]))
+            batch = {"image_va": d.image_va[idx].to(dev), "music_va": d.music_va[idx].to(dev), "score": d.score[idx].to(dev)}
+            return cdcml_losses(out, batch, float(self.cfg["margin"]), self.cfg["distance"] == "squared", self.active)
+        rows, va = self._items(d)
+        with _autocast(dev):
+            out = self.model.heads(self._h(self.sides[0], rows[idx]))
+        return {self.active[0]: mse(out["va"].float(), va[idx].to(dev))}
+
+    def _n(self, d: SplitData) -> int:
+        return len(d) if self.kind == "matching" else len(self._items(d)[0])
+
+    def run_epoch(self) -> dict:
+        t0 = time.perf_counter()
+        self.model.train()
+        if self.fc_only:
+            for bb in self.backbones.values():
+                bb.eval()
+        sums: dict[str, float] = {}
+        n_seen = 0
+        d = self.data["train"]
+        for idx in self._step_batches(self._n(d), shuffle=True):
+            losses = self._losses(d, idx)
+            try:
+                total = self.combiner(losses)
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(f"variant {self.cfg['variant']}, epoch {self.epoch + 1}: {exc}") from exc
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            self.opt.step()
+            for k, v in {**losses, "total": total}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+            n_seen += len(idx)
+        lr = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        row = {"epoch": self.epoch + 1, "lr": lr}
+        row.update({f"train/{k}": v / n_seen for k, v in sums.items()})
+        row.update({f"val/{k}": v for k, v in self.evaluate_losses("val").items()})
+        self.epoch += 1
+        self.history.append(row)
+        return {**row, "epoch_seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def evaluate_losses(self, split: str) -> dict:
+        self.model.eval()
+        d = self.data[split]
+        sums: dict[str, float] = {}
+        n = 0
+        for idx in self._step_batches(self._n(d), shuffle=False):
+            losses = self._losses(d, idx)
+            total = self.combiner(losses)
+            for k, v in {**losses, "total": total}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+            n += len(idx)
+        return {k: v / n for k, v in sums.items()}
+
+    @torch.no_grad()
+    def predict_va(self, side: str, rows: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        outs = []
+        for start in range(0, len(rows), 256):
+            h = self._h(side, rows[start:start + 256])
+            if isinstance(self.model, MatchingModel):
+                f = self.model.image_head(h) if side == "image" else self.model.music_head(h)
+                outs.append((self.model.va_image if side == "image" else self.model.va_music)(f).float().cpu())
+            else:
+                outs.append(self.model.heads(h)["va"].float().cpu())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def predict_sim(self, d: SplitData) -> torch.Tensor:
+        self.model.eval()
+        outs = []
+        for start in range(0, len(d), 256):
+            sl = slice(start, start + 256)
+            out = self.model.heads(self._h("image", d.image_rows[sl]), self._h("music", d.music_rows[sl]))
+            outs.append(out["sim"].float().cpu())
+        return torch.cat(outs)
+
+    def mse_report(self, split: str) -> dict:
+        """MSE of the model and of the mean predictor (training-set means) on ``split``, per target."""
+        tr, d = self.data["train"], self.data[split]
+        rep = {}
+        if self.kind == "matching":
+            pred = self.predict_sim(d)
+            rep["sim_mse"] = (float(mse(pred, d.score)), float(mse(torch.full_like(d.score, float(tr.score.mean())), d.score)))
+        for side in self.sides:
+            rows, va = getattr(d, f"items_{side}")
+            _, va_tr = getattr(tr, f"items_{side}")
+            pred = self.predict_va(side, rows)
+            for j, dim in enumerate(("valence", "arousal")):
+                rep[f"{side}_{dim}_mse"] = (float(mse(pred[:, j], va[:, j])),
+                                            float(mse(torch.full_like(va[:, j], float(va_tr[:, j].mean())), va[:, j])))
+        return rep
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "combiner": self.combiner.state_dict(), "epoch": self.epoch, "history": self.history, "best": self.best,
+                "torch_rng": torch.get_rng_state(), "generator": self.gen.get_state(), "config": self.cfg}
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.combiner.load_state_dict(state["combiner"])
+        self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        torch.set_rng_state(state["torch_rng"])
+        self.gen.set_state(state["generator"])
+
+
+def save(obj: dict, path: Path) -> None:
+    """torch.save through an in-memory buffer, then an atomic write. Saving to the temporary file
+    directly would name the archive's top folder after the (random) temp name, so identical
+    checkpoints would differ in bytes and DVC hashes would change on every re-run."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def train_variant(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, model_dir: str | Path,
+                  report_dir: str | Path, resume: bool = False, stop_after: int | None = None,
+                  track: bool = True, progress: bool = True, on_epoch=None) -> dict:
+    """Train one variant end to end; returns the final report. ``stop_after``: leave after that many
+    epochs of this call (an interruption, for resume tests). ``on_epoch(row)``: a hook (Optuna pruning)."""
+    model_dir, report_dir = Path(model_dir), Path(report_dir)
+    trainer = Trainer(cfg, prepare_dir, features_dir, progress)
+    last = model_dir / "last.pt"
+    if resume and last.is_file():
+        trainer.load_state(torch.load(last, map_location="cpu", weights_only=False))
+    elif resume:
+        raise ImemError(f"--resume: no checkpoint at {last}")
+    run_ctx = _tracking(cfg, track)
+    with run_ctx:
+        cache_s = trainer.build_cache() if trainer.fc_only else 0.0
+        _log({"cache_seconds": cache_s}, 0, track)
+        epochs = int(cfg["epochs"])
+        done = 0
+        bar = tqdm(total=epochs, initial=trainer.epoch, desc=f"train {cfg['variant']}", unit="epoch", disable=not progress)
+        while trainer.epoch < epochs and (stop_after is None or done < stop_after):
+            row = trainer.run_epoch()
+            done += 1
+            bar.update(1)
+            bar.set_postfix({"train": f"{row['train/total']:.4f}", "val": f"{row['val/total']:.4f}"})
+            _log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"], track)
+            if row["val/total"] < trainer.best["val_total"]:
+                trainer.best = {"val_total": row["val/total"], "epoch": row["epoch"]}
+                save({"model": trainer.model.state_dict(), "config": cfg, "epoch": row["epoch"]}, model_dir / "best.pt")
+            save(trainer.state(), last)
+            if on_epoch is not None:
+                on_epoch(row)
+        bar.close()
+        hist = pd.DataFrame(trainer.history)
+        write_csv(report_dir / "history.csv", hist, float_format="%.6g")
+        report = {"variant": cfg["variant"], "epochs": trainer.epoch, "best_epoch": trainer.best["epoch"],
+                  "best_val_total": trainer.best["val_total"], "finished": trainer.epoch >= epochs}
+        if report["finished"]:
+            best = torch.load(model_dir / "best.pt", map_location="cpu", weights_only=False)
+            trainer.model.load_state_dict(best["model"])
+            for split in ("val", "test"):
+                for name, (model_v, mean_v) in trainer.mse_report(split).items():
+                    report[f"{split}/{name}"] = round(model_v, 6)
+                    report[f"{split}/{name}_mean_predictor"] = round(mean_v, 6)
+                    report[f"{split}/{name}_margin"] = round(mean_v - model_v, 6)
+            write_json(report_dir / "metrics.json", report)
+            if track:
+                _finish_run(trainer, report, model_dir, report_dir)
+    return report
+
+
+def _tracking(cfg: dict, track: bool):
+    import contextlib
+
+    if not track:
+        return contextlib.nullcontext()
+    from imem.tracking import mlflow_run
+
+    return mlflow_run("imem-train", cfg["variant"], {**cfg, "corpus": cfg.get("corpus", "")},
+                      tags={"imem.variant": cfg["variant"]})
+
+
+def _log(metrics: dict, step: int, track: bool) -> None:
+    if track:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def _finish_run(trainer: Trainer, report: dict, model_dir: Path, report_dir: Path) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and "/" in k})
+    for f in ("best.pt", "last.pt"):
+        mlflow.log_artifact(str(model_dir / f), artifact_path="checkpoints")
+    mlflow.log_artifact(str(report_dir / "history.csv"))
+    mlflow.log_artifact(str(report_dir / "metrics.json"))
+    import mlflow.pytorch
+
+    mlflow.pytorch.log_model(trainer.model.cpu(), name="model", serialization_format="pickle")

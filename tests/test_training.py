@@ -1,0 +1,218 @@
+"""Models, training loop, checkpoints/resume and MLflow tracking on a tiny corpus."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from corpus_fixtures import write_small_corpus
+from imem.data.prepare import prepare, write_outputs
+from imem.errors import ImemError
+from imem.features.store import build_store
+from imem.losses import NonFiniteLoss
+from imem.models.encoders import Head, ResNetBackbone, ViTBackbone, build_backbone
+from imem.params import section
+from imem.training import train_variant, variant_config
+
+TINY_ENCODERS = {
+    "r18": {"type": "resnet", "arch": "resnet18", "pretrained": None},
+    "vit_tiny": {"type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                 "intermediate_size": 64, "image_size": 32, "patch_size": 8, "pretrained": None},
+    "beats_small": {"type": "beats", "size": "small", "pretrained": None},
+}
+VARIANTS = {
+    "cnn": {"kind": "matching", "image_encoder": "r18", "music_encoder": "r18", "image_head": "pool", "music_head": "pool"},
+    "transformer_v1": {"kind": "matching", "image_encoder": "vit_tiny", "music_encoder": "beats_small",
+                       "image_head": "flatten", "music_head": "flatten", "lr": 1e-4},
+    "transformer_v2": {"kind": "matching", "image_encoder": "vit_tiny", "music_encoder": "beats_small",
+                       "image_head": "cls", "music_head": "cls"},
+    "unimodal_image": {"kind": "unimodal_image", "image_encoder": "r18", "image_head": "pool"},
+    "unimodal_music": {"kind": "unimodal_music", "music_encoder": "r18", "music_head": "pool"},
+}
+
+
+def _cfg(variant, **common):
+    raw = {"train": {"common": {"epochs": 2, "batch_size": 16, "cache_batch_size": 16, **common},
+                     "encoders": TINY_ENCODERS, "variants": VARIANTS}}
+    return variant_config(section("train", raw), variant)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    write_small_corpus(tmp / "corpus", n_songs=3)
+    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
+    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
+    p["split"] = {"train": 0.6, "val": 0.2, "test": 0.2}
+    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
+    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": 32}}), progress=False)
+    return tmp
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_short_run_per_variant(pipeline, variant, tmp_path):
+    rep = train_variant(_cfg(variant), pipeline / "prepare", pipeline / "features", tmp_path / "m", tmp_path / "r",
+                        track=False, progress=False)
+    assert rep["finished"] and rep["epochs"] == 2
+    assert (tmp_path / "m" / "best.pt").is_file() and (tmp_path / "m" / "last.pt").is_file()
+    hist = (tmp_path / "r" / "history.csv").read_text().splitlines()
+    assert len(hist) == 3
+    cols = hist[0].split(",")
+    if VARIANTS[variant]["kind"] == "matching":
+        for name in ("cfr", "cfm", "sfr_image", "sfr_music", "sim", "va_image", "va_music", "total"):
+            assert f"train/{name}" in cols and f"val/{name}" in cols
+        assert np.isfinite(rep["test/sim_mse"]) and "test/sim_mse_mean_predictor" in rep
+    else:
+        side = VARIANTS[variant]["kind"].split("_")[1]
+        assert f"train/va_{side}" in cols and "train/cfr" not in cols
+        assert f"test/{side}_valence_mse" in rep
+
+
+def test_resume_ends_with_the_same_weights_and_metrics(pipeline, tmp_path):
+    cfg = _cfg("cnn", epochs=3, fc_only=False)  # full fine-tuning: backbone weights and BN stats change too
+    full = train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "a", tmp_path / "ra",
+                         track=False, progress=False)
+    part = train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "b", tmp_path / "rb",
+                         track=False, progress=False, stop_after=1)
+    assert not part["finished"]
+    resumed = train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "b", tmp_path / "rb",
+                            track=False, progress=False, resume=True)
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert (tmp_path / "ra" / "history.csv").read_bytes() == (tmp_path / "rb" / "history.csv").read_bytes()
+    assert {k: v for k, v in full.items()} == {k: v for k, v in resumed.items()}
+
+
+def test_resume_without_checkpoint(pipeline, tmp_path):
+    with pytest.raises(ImemError, match=r"--resume: no checkpoint at .*last.pt"):
+        train_variant(_cfg("cnn"), pipeline / "prepare", pipeline / "features", tmp_path / "m", tmp_path / "r",
+                      track=False, progress=False, resume=True)
+
+
+def test_nan_loss_stops_training_and_marks_the_mlflow_run_failed(pipeline, tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(NonFiniteLoss, match=r"variant cnn, epoch \d+: non-finite loss"):
+        train_variant(_cfg("cnn", lr=1e12, epochs=5), pipeline / "prepare", pipeline / "features", tmp_path / "m",
+                      tmp_path / "r", progress=False)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["imem-train"])
+    assert runs["status"].tolist() == ["FAILED"]
+
+
+def test_mlflow_run_records_params_epochs_artifacts_and_a_loadable_model(pipeline, tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    train_variant(_cfg("transformer_v2"), pipeline / "prepare", pipeline / "features", tmp_path / "m", tmp_path / "r",
+                  progress=False)
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.search_runs(experiment_names=["imem-train"], output_format="list")[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "transformer_v2"
+    assert run.data.params["image_head"] == "cls" and run.data.params["lr"] == "0.001"
+    assert run.data.tags["imem.variant"] == "transformer_v2" and "git.commit" in run.data.tags
+    client = mlflow.tracking.MlflowClient()
+    hist = client.get_metric_history(run.info.run_id, "train/cfr")
+    assert [m.step for m in hist] == [1, 2]
+    for name in ("val/total", "lr", "epoch_seconds", "test/sim_mse"):
+        assert name in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "history.csv", "metrics.json"} <= arts
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    ck = torch.load(tmp_path / "m" / "best.pt", weights_only=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ck["model"][k]), k
+
+
+# --- encoders, heads, pretrained weights -------------------------------------------------------------
+
+def test_flatten_head_refuses_another_sequence_length():
+    vit = ViTBackbone(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                      image_size=32, patch_size=8)
+    head = Head(vit, "flatten", 16)
+    assert vit.seq_len == 17
+    assert head(torch.randn(2, 17, 32)).shape == (2, 16)
+    with pytest.raises(ImemError, match="head v1 \\(flatten\\) was built for sequences of 17 tokens, got 10"):
+        head(torch.randn(2, 10, 32))
+    assert Head(vit, "cls", 16)(torch.randn(2, 10, 32)).shape == (2, 16)  # v2 takes any length
+
+
+def test_beats_cls_is_the_token_mean():
+    bb = build_backbone({"type": "beats", "size": "small"})
+    assert bb.seq_len == 96 and not bb.has_cls
+    h = Head(bb, "cls", 8, norm="none")
+    x = torch.randn(3, 96, bb.out_dim)
+    torch.testing.assert_close(h(x), h.fc(x.mean(dim=1)))
+
+
+def test_head_strategy_mismatches():
+    with pytest.raises(ImemError, match="head 'flatten' needs a transformer"):
+        Head(ResNetBackbone("resnet18"), "flatten")
+    with pytest.raises(ImemError, match="head 'pool' is for CNN encoders"):
+        Head(build_backbone({"type": "beats", "size": "small"}), "pool")
+
+
+def test_loading_a_saved_torchvision_state_dict(tmp_path, monkeypatch):
+    import torchvision
+
+    ref = torchvision.models.resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    bb = ResNetBackbone("resnet18", str(tmp_path / "r18.pth"))
+    torch.testing.assert_close(bb.net.conv1.weight, ref.conv1.weight)
+    # a torchvision weights name resolves from the local torch hub cache, never from the network
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    url_name = Path(torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1").url).name
+    with pytest.raises(ImemError, match=rf"ResNet18_Weights.IMAGENET1K_V1: .*{url_name} not found; nothing is downloaded"):
+        ResNetBackbone("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
+    (tmp_path / "th" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(ref.state_dict(), tmp_path / "th" / "hub" / "checkpoints" / url_name)
+    bb = ResNetBackbone("resnet18", "ResNet18_Weights.IMAGENET1K_V1")
+    torch.testing.assert_close(bb.net.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    # a state dict of another architecture: one clear line
+    with pytest.raises(ImemError, match=r"r18.pth: state dict does not fit the model: missing key 'layer1.0.conv3.weight'"):
+        ResNetBackbone("resnet50", str(tmp_path / "r18.pth"))
+
+
+def test_loading_a_saved_transformers_vit(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    ref = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8), add_pooling_layer=False)
+    ref.save_pretrained(tmp_path / "vit")
+    bb = ViTBackbone(pretrained=str(tmp_path / "vit"))
+    x = torch.randn(1, 3, 32, 32)
+    ref.eval()
+    bb.eval()
+    torch.testing.assert_close(bb(x), ref(pixel_values=x).last_hidden_state)
+    with pytest.raises(ImemError, match="pretrained ViT: directory .*nowhere not found"):
+        ViTBackbone(pretrained=str(tmp_path / "nowhere"))
+
+
+def test_loading_a_saved_beats_checkpoint(tmp_path):
+    from imem.models.beats import save_beats
+
+    src = build_backbone({"type": "beats", "size": "small"})
+    save_beats(src.beats, tmp_path / "beats.pt")
+    bb = build_backbone({"type": "beats", "pretrained": str(tmp_path / "beats.pt")})
+    src.eval()
+    bb.eval()
+    x = torch.randn(2, 198, 128)
+    torch.testing.assert_close(bb(x), src(x))
+
+
+def test_unknown_variant_and_encoder_keys():
+    with pytest.raises(ImemError, match="no variant 'cnnn'"):
+        _cfg("cnnn")
+    raw = {"train": {"common": {}, "encoders": TINY_ENCODERS,
+                     "variants": {"x": {"kind": "matching", "image_encoder": "r50", "music_encoder": "r18"}}}}
+    with pytest.raises(ImemError, match=r"train.variants.x.image_encoder = 'r50' is not under train.encoders"):
+        variant_config(section("train", raw), "x")
+    with pytest.raises(ImemError, match=r"unknown key 'train.common.lrr'"):
+        section("train", {"train": {"common": {"lrr": 1}}})
