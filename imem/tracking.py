@@ -18,13 +18,22 @@ from imem.errors import ImemError
 
 
 def repo_root() -> Path:
+    """The project's root. DVC's temporary and queued experiments run in a copy of the workspace at
+    ``<root>/.dvc/tmp/exps/...`` (and set ``DVC_ROOT`` to that copy), which DVC deletes afterwards: their
+    runs must still land in ``<root>/mlflow.db``, so a path inside ``.dvc/tmp`` is mapped back to ``<root>``."""
     if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"])
-    try:
-        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
-        return Path(out.stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return Path.cwd()
+        root = Path(os.environ["DVC_ROOT"]).resolve()
+    else:
+        try:
+            out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+            root = Path(out.stdout.strip())
+        except (OSError, subprocess.CalledProcessError):
+            root = Path.cwd()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
 
 
 def tracking_uri() -> str:
