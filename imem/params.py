@@ -100,9 +100,12 @@ OPEN_KEYS = {"prepare.music", "prepare.images", "train.encoders", "train.variant
 
 
 def params_path() -> Path:
-    """``params.yaml`` of the DVC project: ``$DVC_ROOT`` inside a stage, else the working directory."""
-    root = os.environ.get("DVC_ROOT")
-    return Path(root) / "params.yaml" if root else Path("params.yaml")
+    """``params.yaml`` in the working directory. DVC runs a stage in its own workspace -- for a temporary
+    or queued experiment that is a copy under ``.dvc/tmp/exps/`` holding the ``-S`` overrides -- while it
+    points ``$DVC_ROOT`` at the *parent* repository (dvc/repo/experiments/queue/base.py), whose
+    params.yaml lacks the overrides. So params come from the cwd; only the MLflow store (imem.tracking)
+    follows ``$DVC_ROOT``."""
+    return Path("params.yaml")
 
 
 def _merge(defaults: Any, given: Any, where: str) -> Any:

@@ -26,3 +26,17 @@ def test_repo_root_without_dvc_is_the_git_top_level(monkeypatch):
 
 def test_flatten_params():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": 1, "a.c": "1,2", "d": "x"}
+
+
+def test_params_come_from_the_stage_workspace_not_dvc_root(monkeypatch, tmp_path):
+    """DVC points DVC_ROOT at the parent repo in --temp/queued experiments; the -S overrides live in the
+    experiment's own workspace (the cwd)."""
+    from imem.params import section
+
+    (tmp_path / "parent").mkdir()
+    (tmp_path / "parent" / "params.yaml").write_text("prepare:\n  seed: 1\n")
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "params.yaml").write_text("prepare:\n  seed: 2\n")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "parent"))
+    monkeypatch.chdir(tmp_path / "exp")
+    assert section("prepare")["seed"] == 2
