@@ -114,3 +114,9 @@ def split_clip_id(clip_id: str) -> tuple[str, int]:
     if not sep or not song or not k.isdigit():
         raise ValueError(f"malformed clip id {clip_id!r}: expected '<song_id>-<k>'")
     return song, int(k)
+
+
+def song_sort_key(song_id) -> tuple:
+    """Numeric song ids in numeric order (DEAM: 2 < 10 < 2001), any others after them by text."""
+    s = str(song_id)
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from imem.data.clips import DynamicAnnotations
+from imem.data.clips import DynamicAnnotations, song_sort_key
 from imem.data.common import AUDIO_EXTS, audio_duration, check_range, find_file, read_extras, stem_index
 from imem.errors import ImemError
 
@@ -99,7 +99,7 @@ def _grid(frames: dict[str, pd.DataFrame], path_of: dict[str, Path], lo: float, 
         steps = np.diff(times)
         if not (steps == steps[0]).all():
             raise ImemError(f"{path_of['valence']}: sample columns are not on a regular time grid")
-    song_ids = sorted(v.index, key=_song_key)
+    song_ids = sorted(v.index, key=song_sort_key)
     cols = [f"sample_{t}ms" for t in times]
     out = {}
     for dim, df in (("valence", v), ("arousal", a)):
@@ -120,10 +120,6 @@ def _grid(frames: dict[str, pd.DataFrame], path_of: dict[str, Path], lo: float, 
                 raise ImemError(f"{path_of[dim]}: song {song_ids[r]}: {cols[c]} = {raw[r, c]!r} {why}")
         out[dim] = arr
     return DynamicAnnotations(song_ids, times, out["valence"], out["arousal"])
-
-
-def _song_key(s: str):
-    return (0, int(s), "") if str(s).isdigit() else (1, 0, str(s))
 
 
 def _songs_table(song_ids: list[str], audio_dir: Path, check_media: bool, what: str) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from imem.data.clips import clip_windows
+from imem.data.clips import clip_windows, song_sort_key
 from imem.data.images import SCALES, load_images
 from imem.data.music import load_music
 from imem.data.pairs import check_pairs_resolve, leakage_audit, mean_distance, read_pair_list, sample_pairs
@@ -204,7 +204,7 @@ def write_outputs(prep: Prepared, out_dir: str | Path, report_dir: str | Path) -
             c, i = prep.clips[s], prep.images[s]
             c_cols = CLIP_COLS + [x for x in ("emotion", "caption") if x in c.columns]
             i_cols = IMAGE_COLS + [x for x in ("emotion",) if x in i.columns]
-            write_csv(tmp / s / "clips.csv", c[c_cols].sort_values(["song_id", "k"], key=_natural).reset_index(drop=True))
+            write_csv(tmp / s / "clips.csv", c[c_cols].sort_values(["song_id", "k"], key=_song_order).reset_index(drop=True))
             write_csv(tmp / s / "images.csv", i[i_cols].sort_values("image_id").reset_index(drop=True))
             write_csv(tmp / s / "pairs.csv", prep.pairs[s].reset_index(drop=True))
     report_dir = Path(report_dir)
@@ -213,9 +213,7 @@ def write_outputs(prep: Prepared, out_dir: str | Path, report_dir: str | Path) -
     write_text(report_dir / "audit.md", audit_markdown(prep.audit, f"Leakage audit ({prep.stats['corpus']})"))
 
 
-def _natural(col: pd.Series) -> pd.Series:
-    if col.name == "song_id":
-        return col.map(lambda s: (len(str(s)), str(s)))
-    return col
+def _song_order(col: pd.Series) -> pd.Series:
+    return col.map(song_sort_key) if col.name == "song_id" else col
 
 

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from imem.data.clips import song_sort_key
 from imem.errors import ImemError
 from imem.io import atomic_dir, write_csv, write_json
 
@@ -137,7 +138,7 @@ def build_store(prepare_dir: str | Path, out_dir: str | Path, params: dict, prog
     size = int(params["image_size"])
     clip_s = float(params["clip_seconds"])
     clips, images = _tables(Path(prepare_dir))
-    clips = clips.sort_values(["song_id", "k"], key=lambda c: c.map(_natural_key) if c.name == "song_id" else c,
+    clips = clips.sort_values(["song_id", "k"], key=lambda c: c.map(song_sort_key) if c.name == "song_id" else c,
                               kind="stable").reset_index(drop=True)
     n = len(clips)
     manifest: dict = {"clips": n, "images": len(images), "clip_seconds": clip_s, "arrays": {}}
@@ -225,10 +226,6 @@ def build_store(prepare_dir: str | Path, out_dir: str | Path, params: dict, prog
     return manifest
 
 
-def _natural_key(s: str):
-    return (0, int(s), "") if str(s).isdigit() else (1, 0, str(s))
-
-
 def _index_in(message: str) -> int | None:
     import re
 
@@ -283,8 +280,7 @@ class FeatureStore:
     def handcrafted(self, rows, tile: bool = True) -> torch.Tensor:
         """(n, 3, 193, 87) float32: the thesis' (193, 87, 3) input in torch's channel-first layout,
         the one stored matrix repeated over the 3 channels (``tile=False``: (n, 193, 87))."""
-        x = torch.from_numpy(np.asarray(self.array("handcrafted")[np.sort(rows)], dtype=np.float32))
-        x = x[torch.from_numpy(np.argsort(np.argsort(rows)))]
+        x = torch.from_numpy(self.array("handcrafted")[np.asarray(rows)].astype(np.float32))
         return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous() if tile else x
 
     def waveform(self, rows, rate: int) -> torch.Tensor:
