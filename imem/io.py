@@ -81,3 +81,14 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame, float_format: str = "%.
     """CSV with a fixed float format, so that reruns produce identical bytes (DVC hashes)."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format=float_format, lineterminator="\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a file (checkpoints are byte-deterministic, so equal models hash equal)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

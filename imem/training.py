@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from imem.errors import ImemError
 from imem.features.store import FeatureStore, beats_fbank
-from imem.io import atomic_path, write_csv, write_json
+from imem.io import atomic_path, file_sha256, write_csv, write_json
 from imem.losses import LOSS_NAMES, LossCombiner, NonFiniteLoss, cdcml_losses, mse
 from imem.models.matching import MatchingModel, build_model
 
@@ -215,12 +215,13 @@ class Trainer:
     def _items(self, d: SplitData):
         return d.items_image if self.kind == "unimodal_image" else d.items_music
 
-    def build_cache(self) -> float:
-        """Frozen-backbone outputs for every row any split uses; returns the seconds it took."""
+    def build_cache(self, splits: tuple[str, ...] = SPLITS) -> float:
+        """Frozen-backbone outputs for every row the given splits use; returns the seconds it took."""
         t0 = time.perf_counter()
+        data = [self.data[s] for s in splits]
         for side in self.sides:
             rows = torch.cat([getattr(d, f"{side}_rows") if self.kind == "matching" else self._items(d)[0]
-                              for d in self.data.values()] + [getattr(d, f"items_{side}")[0] for d in self.data.values()])
+                              for d in data] + [getattr(d, f"items_{side}")[0] for d in data])
             self.cache[side] = backbone_cache(self.backbones[side], self.fetch[side], rows, int(self.cfg["cache_batch_size"]),
                                               self.device, f"{self.cfg['variant']}: {side} backbone cache", self.progress)
         return time.perf_counter() - t0
@@ -310,6 +311,14 @@ class Trainer:
             else:
                 outs.append(self.model.heads(h)["va"].float().cpu())
         return torch.cat(outs)
+
+    @torch.no_grad()
+    def embed(self, side: str, rows: torch.Tensor) -> torch.Tensor:
+        """The head outputs f_I / f_M (the shared embedding space) for item rows of one modality."""
+        self.model.eval()
+        m = self.model
+        head = (m.image_head if side == "image" else m.music_head) if isinstance(m, MatchingModel) else m.head
+        return torch.cat([head(self._h(side, rows[i:i + 256])).float().cpu() for i in range(0, len(rows), 256)])
 
     @torch.no_grad()
     def predict_sim(self, d: SplitData) -> torch.Tensor:
@@ -438,6 +447,8 @@ def _finish_run(trainer: Trainer, report: dict, model_dir: Path, report_dir: Pat
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float)) and "/" in k})
+    # the checkpoint's content hash lets the evaluate/visualize stages find this run again (imem.evaluation)
+    mlflow.set_tag("imem.best_sha256", file_sha256(model_dir / "best.pt"))
     for f in ("best.pt", "last.pt"):
         mlflow.log_artifact(str(model_dir / f), artifact_path="checkpoints")
     mlflow.log_artifact(str(report_dir / "history.csv"))
