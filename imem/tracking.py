@@ -79,3 +79,29 @@ def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None =
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i:i + 100]))
         yield run
+
+
+@contextlib.contextmanager
+def variant_run(variant: str, best_sha256: str, params: dict) -> Iterator[object]:
+    """Re-open the training run of ``variant`` whose best checkpoint has this content hash (the train stage
+    tags it ``imem.best_sha256``), so evaluation results and figures sit beside its losses. When the store
+    has no such run -- a fresh store, or DVC restored the checkpoint from its run cache -- a new run tagged
+    the same way takes them, marked ``imem.run_origin = evaluate``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        exp = mlflow.set_experiment("imem-train")
+        found = mlflow.search_runs([exp.experiment_id], output_format="list", max_results=1,
+                                   filter_string=f"tags.`imem.variant` = '{variant}' and "
+                                                 f"tags.`imem.best_sha256` = '{best_sha256}'",
+                                   order_by=["attributes.start_time DESC"])
+    except Exception as exc:  # a broken or unreachable store
+        raise ImemError(f"MLflow tracking store {tracking_uri()}: {str(exc).splitlines()[0]}") from exc
+    if found:
+        with mlflow.start_run(run_id=found[0].info.run_id) as run:
+            yield run
+        return
+    with mlflow_run("imem-train", variant, params, tags={"imem.variant": variant, "imem.best_sha256": best_sha256,
+                                                        "imem.run_origin": "evaluate"}) as run:
+        yield run

@@ -25,6 +25,13 @@ def _distances(clip_va: torch.Tensor, image_va: torch.Tensor) -> torch.Tensor:
     return torch.cdist(clip_va, image_va, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
 
 
+def similarity_matrix(clip_va: np.ndarray, image_va: np.ndarray, sigma: float) -> np.ndarray:
+    """(clips, images) ground-truth S of every clip-image combination (eq. 1 above)."""
+    d = _distances(torch.as_tensor(np.asarray(clip_va), dtype=torch.float32),
+                   torch.as_tensor(np.asarray(image_va), dtype=torch.float32))
+    return similarity(d.numpy(), sigma)
+
+
 def _sum(d: torch.Tensor) -> float:
     """Sum of a distance block: float32 row sums (torch sums in cascades: ~1e-9 relative error, measured),
     accumulated in float64. A float64 sum of the whole block costs 30x more for no visible gain."""

@@ -1,0 +1,362 @@
+"""The `evaluate` stage: a trained variant's test-split tables, retrieval metrics and per-item predictions.
+
+For each checkpoint (``best`` = lowest val total loss, ``last`` = final epoch) plus two references --
+the *mean predictor* (training-set means: what "learned" has to beat) and the *untrained* model (the
+seeded initial weights: the "zero-shot" embedding space) -- it computes
+
+- regression (thesis tables 5.1-5.5, CDCML table 3): similarity MSE/MAE on the split's pairs, and image
+  and music valence/arousal MSE/MAE on the split's items;
+- retrieval (matching variants): every test clip ranks every test image and every image ranks every clip,
+  once by the predicted similarity and once by (negative squared) distance in the shared embedding space,
+  scored against the ground-truth S with :mod:`imem.metrics`; a *random ranking* row gives the exact
+  chance level.
+
+Outputs (all written atomically): ``metrics.json`` (for ``dvc metrics``), ``regression.{csv,md}``,
+``retrieval.{csv,md}`` and, under ``predictions/``, per-item and per-pair predictions, the top-k lists of
+every query and the test embeddings (``.npy``) that the `visualize` stage draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from imem.data.pairs import similarity_matrix
+from imem.errors import ImemError
+from imem.io import atomic_dir, file_sha256, write_csv, write_json, write_text
+from imem.metrics import random_ranking, regression, retrieval
+from imem.models.matching import MatchingModel
+from imem.training import Trainer
+
+CORPUS_LABEL = "embedded (generated) corpus"
+CHECKPOINTS = ("best", "last")
+DIRECTIONS = {"music_to_image": "m2i", "image_to_music": "i2m"}
+SCORERS = {"sim": "predicted similarity", "emb": "embedding distance"}
+VA = ("valence", "arousal")
+
+
+def load_checkpoints(model_dir: Path) -> dict[str, dict]:
+    """``{"best": {...}, "last": {...}}`` with keys model, config, epoch; a missing file is one error line."""
+    out = {}
+    for name in CHECKPOINTS:
+        path = model_dir / f"{name}.pt"
+        if not path.is_file():
+            raise ImemError(f"{path}: no checkpoint (run the train stage for this variant)")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ImemError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+            raise ImemError(f"{path}: not an imem checkpoint (no 'model'/'config')")
+        out[name] = {"model": ck["model"], "config": ck["config"], "epoch": int(ck["epoch"]), "sha256": file_sha256(path)}
+    return out
+
+
+class Evaluator:
+    """Predictions of one variant on one split, for any weights loaded into its model."""
+
+    def __init__(self, cfg: dict, prepare_dir: str | Path, features_dir: str | Path, split: str, sigma: float,
+                 batch_size: int = 4096, progress: bool = True):
+        self.trainer = Trainer(cfg, prepare_dir, features_dir, progress=progress)
+        if split not in self.trainer.data:
+            raise ImemError(f"params: evaluate.split {split!r} is not one of: {', '.join(self.trainer.data)}")
+        self.cfg, self.split, self.sigma, self.batch_size = cfg, split, float(sigma), int(batch_size)
+        self.kind, self.sides = self.trainer.kind, self.trainer.sides
+        self.d, self.train = self.trainer.data[split], self.trainer.data["train"]
+        self.init_state = copy.deepcopy(self.trainer.model.state_dict())  # the seeded weights training started from
+        if self.trainer.fc_only:  # frozen backbones: identical in every checkpoint, so one cache serves all
+            self.trainer.build_cache((split,))
+        if self.kind == "matching":
+            self.truth = similarity_matrix(self.d.items_music[1].numpy(), self.d.items_image[1].numpy(), self.sigma)
+
+    def load(self, state: dict) -> None:
+        self.trainer.model.load_state_dict(state)
+
+    @torch.no_grad()
+    def predict(self) -> dict[str, np.ndarray]:
+        """Item VA and embeddings per side; for matching models also the pairs' similarity and the full
+        clips x images similarity matrix."""
+        t, out = self.trainer, {}
+        for side in self.sides:
+            rows = getattr(self.d, f"items_{side}")[0]
+            out[f"{side}_va"] = t.predict_va(side, rows).numpy()
+            out[f"{side}_emb"] = t.embed(side, rows).numpy()
+        if self.kind == "matching":
+            out["pair_sim"] = t.predict_sim(self.d).numpy()
+            out["sim_matrix"] = self._sim_matrix(torch.from_numpy(out["music_emb"]), torch.from_numpy(out["image_emb"]))
+        return out
+
+    def _sim_matrix(self, f_music: torch.Tensor, f_image: torch.Tensor) -> np.ndarray:
+        """The similarity decoder on [f_I, f_M] for every clip-image combination, in batches."""
+        model: MatchingModel = self.trainer.model
+        model.eval()
+        n_c, n_i = len(f_music), len(f_image)
+        flat = []
+        for start in range(0, n_c * n_i, self.batch_size):
+            idx = torch.arange(start, min(start + self.batch_size, n_c * n_i))
+            x = torch.cat([f_image[idx % n_i], f_music[idx // n_i]], dim=1).to(self.trainer.device)
+            flat.append(model.sim(x).squeeze(1).float().cpu())
+        return torch.cat(flat).reshape(n_c, n_i).numpy()
+
+    def targets(self) -> dict[str, np.ndarray]:
+        out = {f"{side}_va": getattr(self.d, f"items_{side}")[1].numpy() for side in self.sides}
+        if self.kind == "matching":
+            out["pair_sim"] = self.d.score.numpy()
+        return out
+
+    def mean_predictor(self) -> dict[str, np.ndarray]:
+        """Training-set means broadcast to the split: pair S for similarity, item VA per side."""
+        out = {}
+        for side in self.sides:
+            va_tr = getattr(self.train, f"items_{side}")[1].numpy()
+            out[f"{side}_va"] = np.broadcast_to(va_tr.mean(axis=0), getattr(self.d, f"items_{side}")[1].shape)
+        if self.kind == "matching":
+            out["pair_sim"] = np.full(len(self.d), float(self.train.score.numpy().mean()))
+        return out
+
+
+def regression_row(pred: dict[str, np.ndarray], true: dict[str, np.ndarray]) -> dict[str, float]:
+    """``sim_mse``, ``sim_mae``, ``image_valence_mse`` ... for what the prediction holds."""
+    row = {}
+    if "pair_sim" in pred:
+        row.update({f"sim_{k}": v for k, v in regression(pred["pair_sim"], true["pair_sim"]).items()})
+    for side in ("image", "music"):
+        if f"{side}_va" in pred:
+            for j, dim in enumerate(VA):
+                row.update({f"{side}_{dim}_{k}": v
+                            for k, v in regression(pred[f"{side}_va"][:, j], true[f"{side}_va"][:, j]).items()})
+    return row
+
+
+def _scores(pred: dict[str, np.ndarray], scorer: str, direction: str) -> np.ndarray:
+    """Queries x candidates, higher = better; music_to_image queries are clips (rows of the matrices)."""
+    if scorer == "sim":
+        s = pred["sim_matrix"]
+    else:  # negative squared Euclidean distance in the shared space (CDCML's D)
+        fm, fi = torch.from_numpy(pred["music_emb"]).double(), torch.from_numpy(pred["image_emb"]).double()
+        s = -(torch.cdist(fm, fi) ** 2).numpy()
+    return s if direction == "music_to_image" else s.T
+
+
+def retrieval_rows(pred: dict[str, np.ndarray], truth: np.ndarray, threshold: float, k: int) -> dict[str, float]:
+    """``m2i_sim_ndcg10``, ``i2m_emb_mrr`` ...: both directions, both scorers."""
+    row = {}
+    for direction, short in DIRECTIONS.items():
+        t = truth if direction == "music_to_image" else truth.T
+        for scorer in SCORERS:
+            m = retrieval(_scores(pred, scorer, direction), t, threshold, k_ndcg=k)
+            row.update({f"{short}_{scorer}_{name}": v for name, v in m.items() if not name.startswith("queries")})
+    return row
+
+
+def random_rows(truth: np.ndarray, threshold: float, k: int) -> dict[str, float]:
+    row = {}
+    for direction, short in DIRECTIONS.items():
+        m = random_ranking(truth if direction == "music_to_image" else truth.T, threshold, k_ndcg=k)
+        row.update({f"{short}_{name}": v for name, v in m.items()})
+    return row
+
+
+def _round(d: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in d.items()}
+
+
+def markdown_table(df: pd.DataFrame, title: str, note: str = "") -> str:
+    """A Markdown table (tabulate via pandas); blank where a metric does not apply."""
+    body = df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="")
+    return f"# {title}\n\n{note}\n\n{body}\n" if note else f"# {title}\n\n{body}\n"
+
+
+def evaluate_variant(model_dir: str | Path, prepare_dir: str | Path, features_dir: str | Path, stats_path: str | Path,
+                     out_dir: str | Path, params: dict, track: bool = True, progress: bool = True) -> dict:
+    """Evaluate ``models/<variant>`` on ``params['split']``; write the outputs to ``out_dir``; return metrics."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cks = load_checkpoints(model_dir)
+    cfg = dict(cks["best"]["config"], device=params["device"])
+    variant = cfg["variant"]
+    try:
+        sigma = float(json.loads(Path(stats_path).read_text())["sigma"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise ImemError(f"{stats_path}: no sigma (run the prepare stage): {exc}") from exc
+    ev = Evaluator(cfg, prepare_dir, features_dir, params["split"], sigma, params["batch_size"], progress)
+    split, thr, k = params["split"], float(params["relevance_threshold"]), int(params["ndcg_k"])
+    true = ev.targets()
+    states = {"best": cks["best"]["model"], "last": cks["last"]["model"], "untrained": ev.init_state}
+    preds = {}
+    for name, state in tqdm(states.items(), desc=f"evaluate {variant}", unit="checkpoint", disable=not progress):
+        ev.load(state)
+        preds[name] = ev.predict()
+    preds["mean_predictor"] = ev.mean_predictor()
+
+    metrics: dict = {"variant": variant, "split": split, "corpus": CORPUS_LABEL, "sigma": sigma,
+                     "relevance_threshold": thr, "best_epoch": cks["best"]["epoch"], "last_epoch": cks["last"]["epoch"],
+                     "best_sha256": cks["best"]["sha256"]}
+    reg_rows, ret_rows = [], []
+    for name in ("best", "last", "untrained", "mean_predictor"):
+        row = regression_row(preds[name], true)
+        if ev.kind == "matching" and name != "mean_predictor":
+            row.update(retrieval_rows(preds[name], ev.truth, thr, k))
+        metrics[name] = _round(row)
+        reg_rows.append({"model": name, **{c: v for c, v in row.items() if c.endswith(("_mse", "_mae"))}})
+    if ev.kind == "matching":
+        metrics["random_ranking"] = _round(random_rows(ev.truth, thr, k))
+        ret_rows = _retrieval_table(metrics, k)
+
+    reg = pd.DataFrame(reg_rows)
+    ret = pd.DataFrame(ret_rows)
+    _write(out_dir, metrics, reg, ret, ev, preds, true, params)
+    if track:
+        _track(variant, cks["best"]["sha256"], cfg, metrics, reg, ret, out_dir, split)
+    return metrics
+
+
+def _retrieval_table(metrics: dict, k: int) -> list[dict]:
+    cols = [f"ndcg{k}", "spearman", "r1", "r5", "r10", "mrr"]
+    rows = []
+    for direction, short in DIRECTIONS.items():
+        for name in ("best", "last", "untrained"):
+            for scorer, label in SCORERS.items():
+                m = metrics[name]
+                rows.append({"direction": direction, "model": name, "ranked by": label,
+                             **{c: m[f"{short}_{scorer}_{c}"] for c in cols}})
+        rr = metrics["random_ranking"]
+        rows.append({"direction": direction, "model": "random ranking", "ranked by": "chance (exact expectation)",
+                     **{c: rr[f"{short}_{c}"] for c in cols},
+                     })
+    return rows
+
+
+def _write(out_dir: Path, metrics: dict, reg: pd.DataFrame, ret: pd.DataFrame, ev: Evaluator,
+           preds: dict, true: dict, params: dict) -> None:
+    variant, split = metrics["variant"], metrics["split"]
+    note = (f"Variant `{variant}`, {split} split, {CORPUS_LABEL}: not a reproduction of any paper's table. "
+            f"best = epoch {metrics['best_epoch']} (lowest val total loss), last = epoch {metrics['last_epoch']}; "
+            "mean_predictor = training-set means; untrained = the seeded initial weights.")
+    write_csv(out_dir / "regression.csv", reg)
+    write_text(out_dir / "regression.md", markdown_table(reg, f"Regression errors: {variant}", note))
+    if len(ret):
+        rnote = (note + f" Relevant = true S > {metrics['relevance_threshold']}; R@k = share of queries with a relevant "
+                 "item in the top k; nDCG uses S as the gain.")
+        write_csv(out_dir / "retrieval.csv", ret)
+        write_text(out_dir / "retrieval.md", markdown_table(ret, f"Retrieval: {variant}", rnote))
+    else:  # same files for every variant, so the DVC stage declares one set of outputs
+        write_csv(out_dir / "retrieval.csv", pd.DataFrame(columns=["direction", "model", "ranked by"]))
+        write_text(out_dir / "retrieval.md", f"# Retrieval: {variant}\n\nNot applicable: `{variant}` is a unimodal "
+                   "variant (VA of one modality, no image-music similarity).\n")
+    write_json(out_dir / "metrics.json", metrics)
+    with atomic_dir(out_dir / "predictions") as tmp:
+        d, store = ev.d, ev.trainer.store
+        for side in ev.sides:
+            rows = getattr(d, f"items_{side}")[0].numpy()
+            ids = _ids(store.images, rows, "image_id") if side == "image" else _ids(store.clips, rows, "clip_id")
+            df = pd.DataFrame({"id": ids, "valence": true[f"{side}_va"][:, 0], "arousal": true[f"{side}_va"][:, 1]})
+            for name in ("best", "last", "untrained", "mean_predictor"):
+                for j, dim in enumerate(VA):
+                    df[f"{dim}_{name}"] = preds[name][f"{side}_va"][:, j]
+            write_csv(tmp / f"{side}_va.csv", df)
+            for name in ("best", "untrained"):
+                np.save(tmp / f"{side}_embeddings_{name}.npy", preds[name][f"{side}_emb"].astype(np.float32))
+        if ev.kind == "matching":
+            ci, ii = _ids(store.clips, d.music_rows.numpy(), "clip_id"), _ids(store.images, d.image_rows.numpy(), "image_id")
+            pairs = pd.DataFrame({"clip_id": ci, "image_id": ii, "score": true["pair_sim"],
+                                  **{f"sim_{n}": preds[n]["pair_sim"] for n in ("best", "last", "untrained")}})
+            write_csv(tmp / "pairs.csv", pairs)
+            write_csv(tmp / "top.csv", _top_lists(ev, preds["best"], int(params["top_k"])))
+            np.save(tmp / "truth.npy", ev.truth.astype(np.float32))
+
+
+def _ids(table: pd.DataFrame, rows: np.ndarray, column: str) -> np.ndarray:
+    """Item ids of feature-store rows."""
+    return table.set_index("row").loc[rows, column].to_numpy()
+
+
+def _top_lists(ev: Evaluator, pred: dict, top_k: int) -> pd.DataFrame:
+    """The best checkpoint's top-k candidates of every query, both directions, both scorers."""
+    store, d = ev.trainer.store, ev.d
+    clip_ids = _ids(store.clips, d.items_music[0].numpy(), "clip_id")
+    image_ids = _ids(store.images, d.items_image[0].numpy(), "image_id")
+    frames = []
+    for direction in DIRECTIONS:
+        q_ids, c_ids = (clip_ids, image_ids) if direction == "music_to_image" else (image_ids, clip_ids)
+        t = ev.truth if direction == "music_to_image" else ev.truth.T
+        for scorer in SCORERS:
+            s = _scores(pred, scorer, direction)
+            order = np.argsort(-s, axis=1, kind="stable")[:, :top_k]
+            q = np.repeat(np.arange(len(q_ids)), order.shape[1])
+            c = order.ravel()
+            frames.append(pd.DataFrame({"direction": direction, "ranked_by": scorer, "query_id": q_ids[q],
+                                        "rank": np.tile(np.arange(1, order.shape[1] + 1), len(q_ids)),
+                                        "candidate_id": c_ids[c], "score": s[q, c], "true_s": t[q, c]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _track(variant: str, best_sha: str, cfg: dict, metrics: dict, reg: pd.DataFrame, ret: pd.DataFrame,
+           out_dir: Path, split: str) -> None:
+    """Log to the variant's training run (found by its best checkpoint's hash), else to a new run."""
+    import mlflow
+
+    from imem.tracking import variant_run
+
+    with variant_run(variant, best_sha, cfg):
+        for name, prefix in (("best", split), ("last", f"{split}_last"), ("mean_predictor", f"{split}_mean_predictor")):
+            mlflow.log_metrics({f"{prefix}/{k}": float(v) for k, v in metrics[name].items()
+                                if isinstance(v, float) and math.isfinite(v)})
+        mlflow.log_table(data=reg, artifact_file="evaluate/regression.json")
+        if len(ret):
+            mlflow.log_table(data=ret, artifact_file="evaluate/retrieval.json")
+        for f in ("metrics.json", "regression.md", "retrieval.md"):
+            if (out_dir / f).is_file():
+                mlflow.log_artifact(str(out_dir / f), artifact_path="evaluate")
+
+
+def summarize(eval_dirs: list[str | Path], out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One regression table and one retrieval table across variants (CDCML table 3 layout: a row per
+    model, a column per metric), from the variants' ``metrics.json``; blank where a metric does not apply."""
+    reg_rows, ret_rows, ref = [], [], None
+    for d in map(Path, eval_dirs):
+        path = d / "metrics.json"
+        if not path.is_file():
+            raise ImemError(f"{path}: missing (run evaluate for this variant)")
+        m = json.loads(path.read_text())
+        for name in CHECKPOINTS:
+            reg_rows.append({"model": f"{m['variant']} ({name}, epoch {m[f'{name}_epoch']})",
+                             **{k: v for k, v in m[name].items() if k.endswith(("_mse", "_mae"))}})
+            if "random_ranking" in m and name == "best":
+                for direction, short in DIRECTIONS.items():
+                    for scorer, label in SCORERS.items():
+                        ret_rows.append({"direction": direction, "model": f"{m['variant']} (best)", "ranked by": label,
+                                         **{c.split("_", 2)[2]: v for c, v in m[name].items()
+                                            if c.startswith(f"{short}_{scorer}_")}})
+        if "random_ranking" in m and ref is None:  # the same split and truth for every matching variant
+            ref = m
+    means = [json.loads((Path(d) / "metrics.json").read_text())["mean_predictor"] for d in eval_dirs]
+    merged = {k: v for mp in means for k, v in mp.items()}
+    reg_rows.append({"model": "mean predictor (training-set means)", **merged})
+    if ref is not None:
+        for direction, short in DIRECTIONS.items():
+            ret_rows.append({"direction": direction, "model": "random ranking", "ranked by": "chance (exact expectation)",
+                             **{c[len(short) + 1:]: v for c, v in ref["random_ranking"].items()
+                                if c.startswith(f"{short}_") and "queries" not in c}})
+    reg, ret = pd.DataFrame(reg_rows), pd.DataFrame(ret_rows)
+    if len(ret):
+        ret = ret.sort_values("direction", kind="stable", key=lambda s: s.map(list(DIRECTIONS).index))
+    out_dir = Path(out_dir)
+    split = ref["split"] if ref else "test"
+    note = (f"{split} split, {CORPUS_LABEL}: not a reproduction of any paper's table. best = the epoch with the "
+            "lowest val total loss; last = the final epoch.")
+    write_csv(out_dir / "regression.csv", reg)
+    write_text(out_dir / "regression.md", markdown_table(reg, "Regression errors of every variant", note))
+    if len(ret):
+        thr = ref["relevance_threshold"]
+        write_csv(out_dir / "retrieval.csv", ret)
+        write_text(out_dir / "retrieval.md", markdown_table(
+            ret, "Retrieval of every matching variant",
+            note + f" Relevant = true S > {thr:g}; R@k = share of queries with a relevant item in the top k."))
+    return reg, ret

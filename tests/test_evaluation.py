@@ -1,0 +1,226 @@
+"""The evaluate / visualize / summarize stages on a tiny trained pipeline: tables, metrics JSON schema,
+mean-predictor row, consistency of the saved predictions, figures, MLflow logging and bad input."""
+
+import json
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from corpus_fixtures import write_small_corpus
+from imem.data.pairs import similarity
+from imem.data.prepare import prepare, write_outputs
+from imem.errors import ImemError
+from imem.evaluation import evaluate_variant, summarize
+from imem.features.store import build_store
+from imem.metrics import retrieval
+from imem.params import section
+from imem.plots import visualize_variant
+from imem.training import train_variant, variant_config
+
+ENCODERS = {"r18": {"type": "resnet", "arch": "resnet18", "pretrained": None}}
+VARIANTS = {
+    "cnn": {"kind": "matching", "image_encoder": "r18", "music_encoder": "r18", "image_head": "pool", "music_head": "pool"},
+    "unimodal_music": {"kind": "unimodal_music", "music_encoder": "r18", "music_head": "pool"},
+}
+REG_KEYS = {f"{t}_{m}" for t in ("sim", "image_valence", "image_arousal", "music_valence", "music_arousal")
+            for m in ("mse", "mae")}
+RET_KEYS = {f"{d}_{s}_{m}" for d in ("m2i", "i2m") for s in ("sim", "emb")
+            for m in ("ndcg10", "spearman", "r1", "r5", "r10", "mrr")}
+
+
+def _cfg(variant):
+    raw = {"train": {"common": {"epochs": 3, "batch_size": 16, "cache_batch_size": 16}, "encoders": ENCODERS,
+                     "variants": VARIANTS}}
+    return variant_config(section("train", raw), variant)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny corpus, prepared, featurised, both variants trained (tracked in a temp MLflow store)."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    write_small_corpus(tmp / "corpus", n_songs=4)
+    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
+    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
+    p["split"] = {"train": 0.5, "val": 0.25, "test": 0.25}
+    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
+    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": 32}}), progress=False)
+    for v in VARIANTS:
+        train_variant(_cfg(v), tmp / "prepare", tmp / "features", tmp / "models" / v, tmp / "train" / v, progress=False)
+        evaluate_variant(tmp / "models" / v, tmp / "prepare", tmp / "features", tmp / "rep" / "stats.json",
+                         tmp / "eval" / v, section("evaluate"), progress=False)
+    yield tmp
+    mp.undo()
+
+
+def _metrics(run, v="cnn"):
+    return json.loads((run / "eval" / v / "metrics.json").read_text())
+
+
+def test_metrics_json_schema(run):
+    m = _metrics(run)
+    assert {"variant", "split", "corpus", "sigma", "relevance_threshold", "best_epoch", "last_epoch",
+            "best_sha256"} <= set(m)
+    assert m["variant"] == "cnn" and m["split"] == "test" and "embedded" in m["corpus"]
+    assert m["last_epoch"] == 3 and 1 <= m["best_epoch"] <= 3
+    for name in ("best", "last", "untrained"):
+        assert set(m[name]) == REG_KEYS | RET_KEYS, name
+        assert all(np.isfinite(v) for v in m[name].values())
+    assert set(m["mean_predictor"]) == REG_KEYS
+    assert set(m["random_ranking"]) == {f"{d}_{k}" for d in ("m2i", "i2m") for k in
+                                        ("ndcg10", "spearman", "r1", "r5", "r10", "mrr", "queries",
+                                         "queries_with_relevant")}
+    u = _metrics(run, "unimodal_music")
+    assert set(u["best"]) == {k for k in REG_KEYS if k.startswith("music_")} and "random_ranking" not in u
+
+
+def test_mean_predictor_row_by_hand(run):
+    prep = run / "prepare"
+    tr_pairs, te_pairs = pd.read_csv(prep / "train" / "pairs.csv"), pd.read_csv(prep / "test" / "pairs.csv")
+    sim_mean = tr_pairs["score"].mean()
+    mp = _metrics(run)["mean_predictor"]
+    assert mp["sim_mse"] == pytest.approx(((te_pairs["score"] - sim_mean) ** 2).mean(), abs=1e-6)
+    assert mp["sim_mae"] == pytest.approx((te_pairs["score"] - sim_mean).abs().mean(), abs=1e-6)
+    for side, f in (("image", "images.csv"), ("music", "clips.csv")):
+        tr, te = pd.read_csv(prep / "train" / f), pd.read_csv(prep / "test" / f)
+        for dim in ("valence", "arousal"):
+            assert mp[f"{side}_{dim}_mse"] == pytest.approx(((te[dim] - tr[dim].mean()) ** 2).mean(), abs=1e-6)
+            assert mp[f"{side}_{dim}_mae"] == pytest.approx((te[dim] - tr[dim].mean()).abs().mean(), abs=1e-6)
+    table = pd.read_csv(run / "eval" / "cnn" / "regression.csv")
+    assert table["model"].tolist() == ["best", "last", "untrained", "mean_predictor"]
+    assert table.set_index("model").loc["mean_predictor", "sim_mse"] == pytest.approx(mp["sim_mse"], abs=1e-6)
+
+
+def test_saved_predictions_reproduce_the_metrics(run):
+    pred, m = run / "eval" / "cnn" / "predictions", _metrics(run)
+    pairs = pd.read_csv(pred / "pairs.csv")
+    assert m["best"]["sim_mse"] == pytest.approx(((pairs["sim_best"] - pairs["score"]) ** 2).mean(), abs=1e-5)
+    iva = pd.read_csv(pred / "image_va.csv")
+    assert m["last"]["image_arousal_mae"] == pytest.approx((iva["arousal_last"] - iva["arousal"]).abs().mean(), abs=1e-5)
+    # the ground-truth matrix is eq. 1 of the items' VA, and agrees with the prepared pairs' scores
+    mva = pd.read_csv(pred / "music_va.csv")
+    truth = np.load(pred / "truth.npy")
+    d = np.sqrt(((mva[["valence", "arousal"]].to_numpy()[:, None] - iva[["valence", "arousal"]].to_numpy()[None]) ** 2)
+                .sum(-1))
+    np.testing.assert_allclose(truth, similarity(d, m["sigma"]), atol=1e-5)
+    ci = {c: i for i, c in enumerate(mva["id"].astype(str))}
+    ii = {c: i for i, c in enumerate(iva["id"].astype(str))}
+    got = [truth[ci[str(c)], ii[str(i)]] for c, i in zip(pairs["clip_id"], pairs["image_id"], strict=True)]
+    np.testing.assert_allclose(got, pairs["score"], atol=2e-5)
+    # ranking by embedding distance, recomputed from the saved embeddings
+    ei, em = np.load(pred / "image_embeddings_best.npy"), np.load(pred / "music_embeddings_best.npy")
+    dist = ((em[:, None].astype(np.float64) - ei[None]) ** 2).sum(-1)
+    r = retrieval(-dist, truth, m["relevance_threshold"])
+    for k in ("ndcg10", "spearman", "r1", "mrr"):
+        assert m["best"][f"m2i_emb_{k}"] == pytest.approx(r[k], abs=1e-5)
+    # the top lists follow the scores
+    top = pd.read_csv(pred / "top.csv", dtype={"query_id": str, "candidate_id": str})
+    q = top[(top["direction"] == "music_to_image") & (top["ranked_by"] == "emb")]
+    first = q[q["rank"] == 1].set_index("query_id")["candidate_id"]
+    ids = iva["id"].astype(str).to_numpy()
+    for clip, row in ci.items():
+        assert first[clip] == ids[np.argmin(dist[row])]
+
+
+def test_sim_matrix_matches_pairwise_prediction(run):
+    """The batched clips x images similarity equals the model run on each listed pair."""
+    pred = run / "eval" / "cnn" / "predictions"
+    pairs = pd.read_csv(pred / "pairs.csv", dtype={"clip_id": str, "image_id": str})
+    top = pd.read_csv(pred / "top.csv", dtype={"query_id": str, "candidate_id": str})
+    sim = top[(top["ranked_by"] == "sim") & (top["direction"] == "music_to_image")]
+    merged = sim.merge(pairs, left_on=["query_id", "candidate_id"], right_on=["clip_id", "image_id"])
+    assert len(merged) > 0
+    np.testing.assert_allclose(merged["score_x"], merged["sim_best"], atol=1e-5)
+
+
+def test_tables_and_markdown(run):
+    for v in VARIANTS:
+        for f in ("regression.csv", "regression.md", "retrieval.csv", "retrieval.md"):
+            assert (run / "eval" / v / f).is_file(), (v, f)
+    md = (run / "eval" / "cnn" / "retrieval.md").read_text()
+    assert "random ranking" in md and "embedding distance" in md and "embedded (generated) corpus" in md
+    assert "Not applicable" in (run / "eval" / "unimodal_music" / "retrieval.md").read_text()
+    reg, ret = summarize([run / "eval" / v for v in VARIANTS], run / "summary")
+    assert len(reg) == 2 * 2 + 1 and reg["model"].iloc[-1].startswith("mean predictor")
+    uni = reg[reg["model"].str.startswith("unimodal_music (best")].iloc[0]
+    assert np.isnan(uni["sim_mse"]) and uni["music_valence_mse"] == _metrics(run, "unimodal_music")["best"]["music_valence_mse"]
+    assert set(ret["model"]) == {"cnn (best)", "random ranking"}
+    row = (run / "summary" / "regression.md").read_text().splitlines()
+    uni_line = next(line for line in row if line.startswith("| unimodal_music (best"))
+    assert "nan" not in uni_line
+
+
+def _png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", head[16:24])
+
+
+def test_figures_are_written_and_deterministic(run, tmp_path):
+    vp = section("visualize")
+    out = visualize_variant(run / "train" / "cnn", run / "eval" / "cnn", run / "features", tmp_path / "a", vp, track=False)
+    assert [p.name for p in out] == ["losses.png", "va_image.png", "va_music.png", "embedding_pca.png",
+                                     "retrieval_sheet.png"]
+    for p in out:
+        w, h = _png_size(p)
+        assert w >= 600 and h >= 400, p
+    again = visualize_variant(run / "train" / "cnn", run / "eval" / "cnn", run / "features", tmp_path / "b", vp,
+                              track=False)
+    assert [p.read_bytes() for p in out] == [p.read_bytes() for p in again]
+    uni = visualize_variant(run / "train" / "unimodal_music", run / "eval" / "unimodal_music", run / "features",
+                            tmp_path / "u", vp, track=False)
+    assert [p.name for p in uni] == ["losses.png", "va_music.png"]
+
+
+def test_results_land_in_the_training_run(run):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([mlflow.get_experiment_by_name("imem-train").experiment_id],
+                              filter_string="tags.`imem.variant` = 'cnn'")
+    assert len(runs) == 1  # evaluation re-opened the training run instead of making another
+    r = runs[0]
+    assert r.data.tags["imem.best_sha256"] == _metrics(run)["best_sha256"]
+    assert r.data.metrics["test/sim_mse"] == pytest.approx(_metrics(run)["best"]["sim_mse"], abs=1e-6)
+    assert "test_last/image_valence_mae" in r.data.metrics and "test/m2i_emb_ndcg10" in r.data.metrics
+    assert "test_mean_predictor/sim_mse" in r.data.metrics
+    arts = {a.path for a in client.list_artifacts(r.info.run_id, "evaluate")}
+    assert {"evaluate/regression.json", "evaluate/retrieval.json", "evaluate/metrics.json"} <= arts
+    visualize_variant(run / "train" / "cnn", run / "eval" / "cnn", run / "features", run / "fig" / "cnn",
+                      section("visualize"))
+    figs = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
+    assert "figures/embedding_pca.png" in figs and "figures/retrieval_sheet.png" in figs
+
+
+def test_without_the_training_run_a_new_run_is_made(run, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'fresh.db'}")
+    evaluate_variant(run / "models" / "cnn", run / "prepare", run / "features", run / "rep" / "stats.json",
+                     tmp_path / "e", section("evaluate"), progress=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'fresh.db'}")
+    runs = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("imem-train").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["imem.run_origin"] == "evaluate"
+    assert "test/sim_mse" in runs[0].data.metrics
+
+
+def test_missing_or_foreign_checkpoint_is_one_clear_error(run, tmp_path):
+    with pytest.raises(ImemError, match=r"best\.pt: no checkpoint"):
+        evaluate_variant(tmp_path / "nomodel", run / "prepare", run / "features", run / "rep" / "stats.json",
+                         tmp_path / "e", section("evaluate"), track=False, progress=False)
+    (tmp_path / "bad").mkdir()
+    torch.save({"weights": 1}, tmp_path / "bad" / "best.pt")
+    torch.save({"weights": 1}, tmp_path / "bad" / "last.pt")
+    with pytest.raises(ImemError, match="not an imem checkpoint"):
+        evaluate_variant(tmp_path / "bad", run / "prepare", run / "features", run / "rep" / "stats.json",
+                         tmp_path / "e", section("evaluate"), track=False, progress=False)
+    with pytest.raises(ImemError, match="evaluate.split"):
+        evaluate_variant(run / "models" / "cnn", run / "prepare", run / "features", run / "rep" / "stats.json",
+                         tmp_path / "e", {**section("evaluate"), "split": "holdout"}, track=False, progress=False)
+    with pytest.raises(ImemError, match=r"missing \(run the evaluate stage"):
+        visualize_variant(run / "train" / "cnn", tmp_path / "noeval", run / "features", tmp_path / "f",
+                          section("visualize"), track=False)

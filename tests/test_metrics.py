@@ -1,0 +1,97 @@
+"""imem.metrics against values computed by hand on small arrays."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from imem.metrics import random_ranking, ranks_of_first_relevant, regression, retrieval
+
+
+def test_regression_mse_and_mae_by_hand():
+    r = regression(np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.5, 0.5]))
+    assert r["mse"] == pytest.approx((0.01 + 0 + 0.16) / 3)
+    assert r["mae"] == pytest.approx((0.1 + 0 + 0.4) / 3)
+
+
+def test_regression_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="must be equal"):
+        regression(np.zeros(3), np.zeros(4))
+
+
+# One query, four candidates. Scores rank them c2 > c0 > c3 > c1; true S = [0.9, 0.1, 0.5, 0.8].
+SCORES = np.array([[0.7, 0.1, 0.9, 0.3]])
+TRUTH = np.array([[0.9, 0.1, 0.5, 0.8]])
+
+
+def test_ndcg_by_hand():
+    # ranked gains 0.5, 0.9, 0.8, 0.1; ideal 0.9, 0.8, 0.5, 0.1; discounts 1/log2(i+1)
+    disc = 1 / np.log2(np.arange(2, 6))
+    dcg2 = 0.5 * disc[0] + 0.9 * disc[1]
+    idcg2 = 0.9 * disc[0] + 0.8 * disc[1]
+    dcg4 = dcg2 + 0.8 * disc[2] + 0.1 * disc[3]
+    idcg4 = idcg2 + 0.5 * disc[2] + 0.1 * disc[3]
+    assert retrieval(SCORES, TRUTH, 0.7, k_ndcg=2)["ndcg2"] == pytest.approx(dcg2 / idcg2)
+    assert retrieval(SCORES, TRUTH, 0.7, k_ndcg=4)["ndcg4"] == pytest.approx(dcg4 / idcg4)
+
+
+def test_spearman_by_hand():
+    # score ranks (1 = lowest) [3, 1, 4, 2], truth ranks [4, 1, 2, 3]: d = [-1, 0, 2, -1], sum d^2 = 6
+    rho = 1 - 6 * 6 / (4 * (16 - 1))
+    assert retrieval(SCORES, TRUTH, 0.7)["spearman"] == pytest.approx(rho)
+
+
+def test_recall_at_k_and_mrr_by_hand():
+    # relevant (S > 0.7): c0 and c3, at ranks 2 and 3 -> first relevant at rank 2
+    m = retrieval(SCORES, TRUTH, 0.7, ks=(1, 2, 3))
+    assert (m["r1"], m["r2"], m["r3"]) == (0.0, 1.0, 1.0)
+    assert m["mrr"] == pytest.approx(0.5)
+    # a second query whose best candidate is relevant; a third with nothing relevant is left out
+    scores = np.vstack([SCORES, [[0.9, 0.1, 0.2, 0.3]], [[0.1, 0.2, 0.3, 0.4]]])
+    truth = np.vstack([TRUTH, [[0.95, 0.1, 0.2, 0.3]], [[0.1, 0.2, 0.3, 0.4]]])
+    m = retrieval(scores, truth, 0.7, ks=(1,))
+    assert m["r1"] == pytest.approx(0.5) and m["mrr"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["queries"] == 3 and m["queries_with_relevant"] == 2
+
+
+def test_first_relevant_rank_breaks_ties_by_candidate_order():
+    ranks = ranks_of_first_relevant(np.array([[0.5, 0.5, 0.5], [0.1, 0.2, 0.3]]),
+                                    np.array([[False, True, False], [False, False, False]]))
+    assert ranks.tolist() == [2, 0]
+
+
+def test_a_perfect_ranking_scores_one():
+    truth = np.random.default_rng(0).random((5, 12))
+    m = retrieval(truth * 3 + 1, truth, 0.6)
+    assert m["ndcg10"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
+    assert m["r1"] == 1.0 and m["mrr"] == 1.0
+
+
+def _brute_force_random(truth, threshold, k_ndcg, ks):
+    """Average of each metric over every permutation of the candidates."""
+    acc = {}
+    perms = list(itertools.permutations(range(truth.shape[1])))
+    for p in perms:
+        scores = np.zeros_like(truth)
+        scores[:, list(p)] = np.arange(truth.shape[1], 0, -1)  # candidate p[0] ranked first
+        for k, v in retrieval(scores, truth, threshold, k_ndcg=k_ndcg, ks=ks).items():
+            acc[k] = acc.get(k, 0.0) + v / len(perms)
+    return acc
+
+
+def test_random_ranking_expectations_equal_the_average_over_all_permutations():
+    truth = np.array([[0.9, 0.1, 0.5, 0.8, 0.3], [0.2, 0.75, 0.1, 0.72, 0.71]])
+    exact = random_ranking(truth, 0.7, k_ndcg=3, ks=(1, 2))
+    brute = _brute_force_random(truth, 0.7, 3, (1, 2))
+    for key in ("ndcg3", "spearman", "r1", "r2", "mrr"):
+        assert exact[key] == pytest.approx(brute[key], abs=1e-12), key
+    # by hand for query 1 (2 relevant of 5): P(hit@1) = 2/5; E[1/rank] = 2/5 + 1/2 * 3/10 + 1/3 * 1/5 + 1/4 * 1/10
+    q1 = random_ranking(truth[:1], 0.7, ks=(1,))
+    assert q1["r1"] == pytest.approx(0.4)
+    assert q1["mrr"] == pytest.approx(0.4 + 0.15 + 1 / 15 + 0.025)
+
+
+def test_constant_truth_rows_are_left_out_of_ndcg_and_spearman():
+    truth = np.array([[0.5, 0.5, 0.5], [0.9, 0.1, 0.2]])
+    m = retrieval(np.array([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]]), truth, 0.7)
+    assert m["spearman"] == pytest.approx(0.5)  # only row 2: ranks [3,2,1] vs [3,1,2]
