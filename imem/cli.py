@@ -58,6 +58,56 @@ def _audit(args: argparse.Namespace) -> None:
         write_json(args.json, report)
 
 
+def _image_size(params: str) -> int:
+    """The feature store's image size (features.image_size): prediction inputs are resized as in training."""
+    from imem.params import section
+
+    return int(section("features", path=params)["image_size"])
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from imem.inference import Predictor, load_model, predict
+    from imem.io import write_csv
+
+    loaded = load_model(args.model)
+    predictor = Predictor(loaded, image_size=_image_size(args.params), hop=args.hop, progress=not args.quiet)
+    df = predict(args.files, predictor)
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+        print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep=""))
+    print(f"VA on the prepared labels' [0, 1] scale; model {loaded.name}; audio: {predictor.clip_s:g}-s windows "
+          f"every {predictor.hop:g} s, 'mean' = the mean over a file's windows")
+    if args.out:
+        write_csv(args.out, df)
+        print(f"wrote {args.out}")
+
+
+def _retrieve(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from imem.inference import load_model
+    from imem.retrieval import retrieve, write_results
+
+    if bool(args.audio) == bool(args.image) or (args.audio and not args.images) or (args.image and not args.music):
+        raise ImemError("retrieve: give either --audio FILE --images DIR (music -> images) "
+                        "or --image FILE --music DIR (image -> music)")
+    loaded = load_model(args.model)
+    query, side, coll = (args.audio, "music", args.images) if args.audio else (args.image, "image", args.music)
+    df, summary = retrieve(loaded, query, side, coll, k=args.k, cache_dir=args.cache_dir, chunk_size=args.chunk_size,
+                           hop=args.hop, rank_by=args.rank_by, image_size=_image_size(args.params),
+                           progress=not args.quiet)
+    files = write_results(df, summary, args.out)
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 70):
+        print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"query {summary['query']}: predicted valence {summary['query_valence']:.4f}, arousal "
+          f"{summary['query_arousal']:.4f}; collection {summary['collection_size']} files "
+          f"({summary['embedded']} embedded, {summary['cached']} from the cache {summary['cache_dir']})")
+    print(f"wrote {files['csv']} and {files['html']}")
+
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imem", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -82,6 +132,34 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("lists", nargs="+", help="e.g. val=val_matching.txt test=test_matching.txt")
     a.add_argument("--json", help="also write the report as JSON")
     a.set_defaults(fn=_audit)
+
+    pr = sub.add_parser("predict", help="valence-arousal of image and audio files (long audio: per 2-s window + mean)")
+    pr.add_argument("files", nargs="+", help="image/audio files or directories of them")
+    pr.add_argument("--model", default="models/cnn",
+                    help="a training output dir (best.pt) or an MLflow URI runs:/<id>/model, models:/<name>/<version>")
+    pr.add_argument("--hop", type=float, help="seconds between audio windows (default: the clip length, 2 s)")
+    pr.add_argument("--out", help="also write the table as CSV to this file")
+    pr.add_argument("--params", default="params.yaml", help="params file (features.image_size)")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(fn=_predict)
+
+    r = sub.add_parser("retrieve", help="music -> images (--audio, --images) or image -> music (--image, --music)")
+    r.add_argument("--audio", help="query audio file (ranks the images under --images)")
+    r.add_argument("--images", help="directory of images to search")
+    r.add_argument("--image", help="query image file (ranks the audio files under --music)")
+    r.add_argument("--music", help="directory of audio files to search")
+    r.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    r.add_argument("--model", default="models/cnn", help="a matching model: training output dir or MLflow URI")
+    r.add_argument("--out", default="retrieval", help="directory for results.csv, summary.json, index.html")
+    r.add_argument("--cache-dir", help="embedding cache (default $IMEM_CACHE_DIR or ~/.cache/imem)")
+    r.add_argument("--chunk-size", type=int, default=65536, help="collection rows scored per chunk (bounds memory)")
+    r.add_argument("--hop", type=float, help="seconds between audio windows (default 2 s)")
+    r.add_argument("--rank-by", choices=("sim", "distance"), default="distance",
+                   help="squared embedding distance (default; the better top-5 on the embedded corpus) or "
+                        "predicted similarity S")
+    r.add_argument("--params", default="params.yaml", help="params file (features.image_size)")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(fn=_retrieve)
     return ap
 
 
