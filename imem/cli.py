@@ -108,6 +108,19 @@ def _retrieve(args: argparse.Namespace) -> None:
 
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from imem.tuning import run_tune
+
+    s = run_tune(args.params, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
+                 prepare_dir=args.prepare, features_dir=args.features, out_dir=None if args.no_write else args.out,
+                 track=not args.no_track, progress=not args.quiet)
+    print(f"study {s['study']} ({s['storage']}): {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed")
+    if s["best"] is not None:
+        print(f"best trial {s['best']['number']}: value {s['best']['value']:.6g}, params {s['best']['params']}")
+    if "best_params" in s:
+        print(f"wrote {Path(args.out) / 'best_params.yaml'}; promote with:\n  {s['best_params']['promote']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imem", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -132,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("lists", nargs="+", help="e.g. val=val_matching.txt test=test_matching.txt")
     a.add_argument("--json", help="also write the report as JSON")
     a.set_defaults(fn=_audit)
+
+    t = sub.add_parser("tune", help="Optuna study of lr, CFM margin, head strategy (params 'tune'); run it in "
+                       "several shells against one --storage to share the trials")
+    t.add_argument("--params", default="params.yaml", help="params file (sections 'tune' and 'train')")
+    t.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, tune.storage, "
+                   "sqlite:///optuna.db at the repo root; postgresql://... for workers on several machines)")
+    t.add_argument("--study-name", help="default: tune.study_name or imem-<variant>")
+    t.add_argument("--n-trials", type=int, help="override tune.n_trials (COMPLETE + PRUNED trials of the study)")
+    t.add_argument("--prepare", default="artifacts/prepare")
+    t.add_argument("--features", default="artifacts/features")
+    t.add_argument("--out", default="reports/tune", help="where best_params.yaml and trials.csv go")
+    t.add_argument("--no-write", action="store_true", help="a worker that only runs trials (writes no report)")
+    t.add_argument("--no-track", action="store_true", help="no MLflow runs")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=_tune)
 
     pr = sub.add_parser("predict", help="valence-arousal of image and audio files (long audio: per 2-s window + mean)")
     pr.add_argument("files", nargs="+", help="image/audio files or directories of them")

@@ -92,11 +92,37 @@ TRAIN = {
     "variants": {},
 }
 
+# `imem tune` (imem/tuning.py): an Optuna study over one variant; not part of `dvc repro` (tune/dvc.yaml)
+TUNE = {
+    "variant": "transformer_v2",
+    "study_name": "",
+    "storage": "",
+    "n_trials": 10,
+    "epochs": 4,
+    "objective": "sim",
+    "seed": 7,
+    "sampler_startup_trials": 4,
+    "pruner": "median",
+    "pruner_startup_trials": 3,
+    "pruner_warmup_epochs": 1,
+    "heartbeat_interval": 10,
+    "grace_period": 30,
+    "max_retry": 2,
+    "space": {
+        "lr": {"low": 1e-4, "high": 3e-2, "log": True},
+        "margin": {"low": 0.1, "high": 1.5, "log": False},
+        "head": ["flatten", "cls", "mean"],
+        "loss_mode": ["sum", "first_batch"],
+        "batch_size": [64, 128],
+    },
+}
+
 SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE, "features": FEATURES, "train": TRAIN}
 
 # Keys whose value is a free-form mapping checked by its own module (a source's loader options).
 OPEN_KEYS = {"prepare.music", "prepare.images", "train.encoders", "train.variants",
              "train.common.loss_weights"}
+SCHEMAS["tune"] = TUNE
 
 
 def params_path() -> Path:

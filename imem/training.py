@@ -9,6 +9,10 @@ very same outputs every epoch.
 Checkpoints (written atomically): ``best.pt`` (lowest validation total) and ``last.pt`` (with the
 optimizer, scheduler, loss-combiner state and every RNG state), so ``resume`` continues a stopped run
 and ends with the same weights and metrics as an uninterrupted one (CPU; tested).
+
+Under ``torchrun --nproc-per-node N`` the ranks share every global batch (:mod:`imem.distributed`: the
+model runs on a shard, the losses on the gathered batch, gradients averaged); only rank 0 writes
+checkpoints and reports, logs to MLflow and calls ``on_epoch``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from imem import distributed as ddp
 from imem.errors import ImemError
 from imem.features.store import FeatureStore, beats_fbank
 from imem.io import atomic_path, file_sha256, write_csv, write_json
@@ -189,6 +194,8 @@ class Trainer:
         if not self.active:
             raise ImemError("params: every loss weight is 0: nothing to train")
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = params
+        self.dist = ddp.active()
         if cfg["optimizer"] == "sgd":
             self.opt = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                                        weight_decay=float(cfg["weight_decay"]))
@@ -215,15 +222,23 @@ class Trainer:
     def _items(self, d: SplitData):
         return d.items_image if self.kind == "unimodal_image" else d.items_music
 
-    def build_cache(self, splits: tuple[str, ...] = SPLITS) -> float:
-        """Frozen-backbone outputs for every row the given splits use; returns the seconds it took."""
+    def build_cache(self, splits: tuple[str, ...] = SPLITS, memo: dict | None = None) -> float:
+        """Frozen-backbone outputs for every row the given splits use; returns the seconds it took.
+        ``memo``: a dict kept by the caller across trainers (tuning trials): an entry is reused when the
+        backbone's weights, its input spec, the feature store and the rows are the same (content hashes)."""
         t0 = time.perf_counter()
         data = [self.data[s] for s in splits]
         for side in self.sides:
             rows = torch.cat([getattr(d, f"{side}_rows") if self.kind == "matching" else self._items(d)[0]
                               for d in data] + [getattr(d, f"items_{side}")[0] for d in data])
+            key = _cache_key(self.backbones[side], self.cfg[f"{side}_encoder"], self.store, rows) if memo is not None else None
+            if key is not None and key in memo:
+                self.cache[side] = memo[key]
+                continue
             self.cache[side] = backbone_cache(self.backbones[side], self.fetch[side], rows, int(self.cfg["cache_batch_size"]),
                                               self.device, f"{self.cfg['variant']}: {side} backbone cache", self.progress)
+            if key is not None:
+                memo[key] = self.cache[side]
         return time.perf_counter() - t0
 
     def _h(self, side: str, rows: torch.Tensor) -> torch.Tensor:
@@ -240,8 +255,10 @@ class Trainer:
             batches[-2] = torch.cat([batches[-2], batches.pop()])
         return batches
 
-    def _losses(self, d: SplitData, idx: torch.Tensor) -> dict:
+    def _losses(self, d: SplitData, idx: torch.Tensor, shard: bool = False) -> dict:
         dev = self.device
+        if shard and self.dist:
+            return self._sharded_losses(d, idx)
         if self.kind == "matching":
             with _autocast(dev):
                 out = self.model.heads(self._h("image", d.image_rows[idx]), self._h("music", d.music_rows[idx]))
@@ -251,6 +268,21 @@ class Trainer:
         with _autocast(dev):
             out = self.model.heads(self._h(self.sides[0], rows[idx]))
         return {self.active[0]: mse(out["va"].float(), va[idx].to(dev))}
+
+    def _sharded_losses(self, d: SplitData, idx: torch.Tensor) -> dict:
+        """The global batch's losses, the model run on this rank's shard only (see imem.distributed)."""
+        dev = self.device
+        local, sizes = ddp.shard(idx)
+        if self.kind == "matching":
+            with _autocast(dev):
+                out = self.model.heads(self._h("image", d.image_rows[local]), self._h("music", d.music_rows[local]))
+            out = {k: ddp.gather_rows(v, sizes) for k, v in out.items()}
+            batch = {"image_va": d.image_va[idx].to(dev), "music_va": d.music_va[idx].to(dev), "score": d.score[idx].to(dev)}
+            return cdcml_losses(out, batch, float(self.cfg["margin"]), self.cfg["distance"] == "squared", self.active)
+        rows, va = self._items(d)
+        with _autocast(dev):
+            pred = ddp.gather_rows(self.model.heads(self._h(self.sides[0], rows[local]))["va"], sizes)
+        return {self.active[0]: mse(pred.float(), va[idx].to(dev))}
 
     def _n(self, d: SplitData) -> int:
         return len(d) if self.kind == "matching" else len(self._items(d)[0])
@@ -265,14 +297,18 @@ class Trainer:
         n_seen = 0
         d = self.data["train"]
         for idx in self._step_batches(self._n(d), shuffle=True):
-            losses = self._losses(d, idx)
+            losses = self._losses(d, idx, shard=True)
             try:
                 total = self.combiner(losses)
             except NonFiniteLoss as exc:
                 raise NonFiniteLoss(f"variant {self.cfg['variant']}, epoch {self.epoch + 1}: {exc}") from exc
             self.opt.zero_grad(set_to_none=True)
             total.backward()
+            if self.dist:
+                ddp.all_reduce_grads(self.params)
             self.opt.step()
+            if self.dist:
+                ddp.average_buffers(self.model)
             for k, v in {**losses, "total": total}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
             n_seen += len(idx)
@@ -363,6 +399,19 @@ class Trainer:
         self.gen.set_state(state["generator"])
 
 
+def _cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: torch.Tensor) -> tuple:
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for name, t in backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    rows_digest = hashlib.sha256(torch.unique(rows).numpy().tobytes()).hexdigest()
+    return (h.hexdigest(), json.dumps(spec, sort_keys=True), str(store.dir.resolve()),
+            json.dumps(store.manifest, sort_keys=True), rows_digest)
+
+
 def save(obj: dict, path: Path) -> None:
     """torch.save through an in-memory buffer, then an atomic write. Saving to the temporary file
     directly would name the archive's top folder after the (random) temp name, so identical
@@ -377,10 +426,19 @@ def save(obj: dict, path: Path) -> None:
 
 def train_variant(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, model_dir: str | Path,
                   report_dir: str | Path, resume: bool = False, stop_after: int | None = None,
-                  track: bool = True, progress: bool = True, on_epoch=None) -> dict:
+                  track: bool = True, progress: bool = True, on_epoch=None, cache_memo: dict | None = None) -> dict:
     """Train one variant end to end; returns the final report. ``stop_after``: leave after that many
-    epochs of this call (an interruption, for resume tests). ``on_epoch(row)``: a hook (Optuna pruning)."""
-    model_dir, report_dir = Path(model_dir), Path(report_dir)
+    epochs of this call (an interruption, for resume tests). ``on_epoch(row)``: a hook (Optuna pruning).
+    ``cache_memo``: see :meth:`Trainer.build_cache`. Under torchrun only rank 0 writes, logs and calls
+    ``on_epoch``; if the hook raises there, every rank stops."""
+    with ddp.session(_device(cfg["device"])):
+        main = ddp.is_main()
+        return _train(cfg, Path(prepare_dir), Path(features_dir), Path(model_dir), Path(report_dir), resume,
+                      stop_after, track and main, progress and main, on_epoch, cache_memo, main)
+
+
+def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_after, track, progress, on_epoch,
+           cache_memo, main) -> dict:
     trainer = Trainer(cfg, prepare_dir, features_dir, progress)
     last = model_dir / "last.pt"
     if resume and last.is_file():
@@ -389,7 +447,7 @@ def train_variant(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, 
         raise ImemError(f"--resume: no checkpoint at {last}")
     run_ctx = _tracking(cfg, track)
     with run_ctx:
-        cache_s = trainer.build_cache() if trainer.fc_only else 0.0
+        cache_s = trainer.build_cache(memo=cache_memo) if trainer.fc_only else 0.0
         _log({"cache_seconds": cache_s}, 0, track)
         epochs = int(cfg["epochs"])
         done = 0
@@ -402,15 +460,19 @@ def train_variant(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, 
             _log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"], track)
             if row["val/total"] < trainer.best["val_total"]:
                 trainer.best = {"val_total": row["val/total"], "epoch": row["epoch"]}
-                save({"model": trainer.model.state_dict(), "config": cfg, "epoch": row["epoch"]}, model_dir / "best.pt")
-            save(trainer.state(), last)
-            if on_epoch is not None:
-                on_epoch(row)
+                if main:
+                    save({"model": trainer.model.state_dict(), "config": cfg, "epoch": row["epoch"]}, model_dir / "best.pt")
+            if main:
+                save(trainer.state(), last)
+            _epoch_hook(on_epoch, row, main, trainer.dist)
         bar.close()
-        hist = pd.DataFrame(trainer.history)
-        write_csv(report_dir / "history.csv", hist, float_format="%.6g")
         report = {"variant": cfg["variant"], "epochs": trainer.epoch, "best_epoch": trainer.best["epoch"],
                   "best_val_total": trainer.best["val_total"], "finished": trainer.epoch >= epochs}
+        if not main:  # rank 0 evaluates and writes; the others wait for it
+            ddp.barrier()
+            return report
+        hist = pd.DataFrame(trainer.history)
+        write_csv(report_dir / "history.csv", hist, float_format="%.6g")
         if report["finished"]:
             best = torch.load(model_dir / "best.pt", map_location="cpu", weights_only=False)
             trainer.model.load_state_dict(best["model"])
@@ -422,7 +484,31 @@ def train_variant(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, 
             write_json(report_dir / "metrics.json", report)
             if track:
                 _finish_run(trainer, report, model_dir, report_dir)
+        if trainer.dist:
+            ddp.barrier()
     return report
+
+
+class StoppedByRank0(ImemError):
+    """Raised on the other ranks when rank 0's ``on_epoch`` hook stopped training (a pruned trial)."""
+
+
+def _epoch_hook(on_epoch, row: dict, main: bool, dist: bool) -> None:
+    """Rank 0 runs the hook; with several ranks its outcome (go on / stop) is broadcast to all."""
+    if not dist:
+        if on_epoch is not None:
+            on_epoch(row)
+        return
+    error = None
+    if main and on_epoch is not None:
+        try:
+            on_epoch(row)
+        except BaseException as exc:  # noqa: B036 -- re-raised below, after telling the other ranks
+            error = exc
+    if ddp.broadcast_flag(int(error is not None)):
+        if error is not None:
+            raise error
+        raise StoppedByRank0(f"variant {row.get('epoch')}: rank 0 stopped training after epoch {row['epoch']}")
 
 
 def _tracking(cfg: dict, track: bool):

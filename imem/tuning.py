@@ -1,0 +1,525 @@
+"""Hyperparameter tuning with Optuna (`imem tune`): learning rate, the CFM margin alpha, the head strategy
+(and the loss-combination mode and batch size) of one variant, tracked in MLflow.
+
+* Objective: a validation loss of the epoch rows (``tune.objective``; default ``sim``: the validation
+  similarity MSE, CDCML eq. 7), reported to Optuna after every epoch (median or Hyperband pruner); the
+  trial's value is that metric at the epoch whose checkpoint training keeps (lowest validation total,
+  ``best.pt``), i.e. the model the trial would deliver. A NaN/inf loss prunes the trial.
+* Sampler: TPE, re-seeded for every trial with ``tune.seed + trial number``, so a study is reproducible
+  however many workers share it (with one worker it is fully deterministic).
+* Storage: ``--storage`` / ``$OPTUNA_STORAGE`` / ``tune.storage``, else the SQLite file ``optuna.db`` at the
+  repository root. Any SQLAlchemy URL works (PostgreSQL for several machines); a path ending in
+  ``.journal`` selects Optuna's journal file (no server, but no heartbeat either).
+* Workers: run ``imem tune`` several times against one storage. Each worker claims a trial under a
+  storage-wide lock (PostgreSQL advisory lock; ``flock`` on a file next to SQLite/journal files), so the
+  workers finish exactly ``tune.n_trials`` COMPLETE + PRUNED trials between them. A worker records a
+  heartbeat every ``heartbeat_interval`` s; a trial without one for ``grace_period`` s (a killed worker) is
+  marked FAIL by the next worker that looks, and re-enqueued with the same parameters
+  (RetryHeartbeatStaleTrialCallback, up to ``max_retry`` times).
+* MLflow: one parent run per study (experiment ``imem-tune``; its id is kept in the study's user
+  attributes so every worker nests under it) and one nested run per trial with the trial's parameters,
+  per-epoch metrics, the final value and its state (tag ``optuna.state``; a pruned trial's run ends KILLED).
+  The trial keeps the run id in its user attribute ``mlflow_run_id``.
+* Output: ``reports/tune/best_params.yaml`` (the best trial as params.yaml keys and the ``dvc exp run -S``
+  command that promotes them; params.yaml itself is never rewritten) and ``reports/tune/trials.csv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from imem.errors import ImemError
+from imem.io import write_csv, write_text
+from imem.losses import LOSS_NAMES, NonFiniteLoss
+from imem.training import train_variant, variant_config
+
+EXPERIMENT = "imem-tune"
+# The worker loop below is ask/tell with its own heartbeat thread (Study.optimize cannot stop at an exact
+# trial count across workers); Optuna warns about heartbeats outside optimize and marks fail_stale_trials
+# experimental: both are intended here.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="imem.tuning")
+warnings.filterwarnings("ignore", message=r"Argument ``(heartbeat_interval|grace_period)`` is an experimental")
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+TRANSFORMER_HEADS = ("flatten", "cls", "mean")
+
+
+# --- storage --------------------------------------------------------------------------------------------
+
+def storage_url(arg: str | None, params: dict) -> str:
+    """``--storage``, else ``$OPTUNA_STORAGE``, else ``tune.storage``, else ``sqlite:///<repo>/optuna.db``."""
+    from imem.tracking import repo_root
+
+    url = arg or os.environ.get("OPTUNA_STORAGE") or params.get("storage") or ""
+    return url or f"sqlite:///{repo_root() / 'optuna.db'}"
+
+
+class StaleTrial:
+    """Heartbeat-stale trial (its worker died): retry it with the same parameters (Optuna's
+    RetryHeartbeatStaleTrialCallback: ``failed_trial`` / ``retry_history`` system attributes) and mark
+    its MLflow run FAILED (the dead worker could not)."""
+
+    def __init__(self, max_retry: int, track: bool):
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.track = track
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.retry(study, trial)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if self.track and run_id:
+            import mlflow
+
+            from imem.tracking import tracking_uri
+
+            client = mlflow.tracking.MlflowClient(tracking_uri())
+            client.set_tag(run_id, "optuna.state", "FAIL")
+            client.set_terminated(run_id, status="FAILED")
+
+
+def open_storage(url: str, params: dict, track: bool = False) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats and the retry callback, or a journal file (``*.journal``)."""
+    if url.endswith(".journal") and "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    retry = StaleTrial(int(params["max_retry"]), track)
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=int(params["heartbeat_interval"]), grace_period=int(params["grace_period"]),
+            heartbeat_stale_trial_callback=retry, engine_kwargs=_engine_kwargs(url))
+    except Exception as exc:  # bad URL, unreachable server, missing driver
+        raise ImemError(f"Optuna storage {_redact(url)}: {str(exc).splitlines()[0]}") from exc
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}  # several local workers wait for the write lock
+    return {"pool_pre_ping": True}
+
+
+def _redact(url: str) -> str:
+    """The URL without a password (``user:secret@host`` -> ``user:***@host``)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        if ":" in cred:
+            return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+@contextlib.contextmanager
+def claim_lock(storage: optuna.storages.BaseStorage, url: str) -> Iterator[None]:
+    """A lock shared by every worker of the storage, held while a worker claims its next trial."""
+    engine = getattr(storage, "engine", None)
+    if engine is not None and engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        key = zlib.crc32(b"imem-tune-claim")
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    if engine is not None and engine.dialect.name == "sqlite":
+        path = Path(engine.url.database or "optuna.db")
+    elif url.endswith(".journal"):
+        path = Path(url)
+    else:
+        raise ImemError(f"Optuna storage {_redact(url)}: workers can share only PostgreSQL, SQLite or journal "
+                        "files (no claim lock for this backend)")
+    with open(f"{path}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class Heartbeat:
+    """Records the trial's heartbeat now and every ``heartbeat_interval`` seconds in a thread (what
+    ``Study.optimize`` does internally; the ask/tell loop here has to do it itself)."""
+
+    def __init__(self, storage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.storage.record_heartbeat(self.trial_id)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+# --- search space -----------------------------------------------------------------------------------------
+
+def head_choices(cfg: dict, wanted: list[str]) -> dict[str, list[str]]:
+    """Per side: the head strategies to try. A CNN encoder offers only ``pool``; a transformer the
+    ``wanted`` ones among flatten (v1), cls (v2) and mean."""
+    out = {}
+    for side in ("image", "music"):
+        spec = cfg.get(f"{side}_encoder")
+        if spec is None:
+            continue
+        if spec["type"] == "resnet":
+            out[side] = ["pool"]
+        else:
+            bad = [h for h in wanted if h not in TRANSFORMER_HEADS]
+            if bad:
+                raise ImemError(f"params: tune.space.head: {bad[0]!r} is not a transformer head "
+                                f"(one of: {', '.join(TRANSFORMER_HEADS)})")
+            out[side] = list(wanted) or [cfg[f"{side}_head"]]
+    return out
+
+
+def suggest(trial: optuna.Trial, base: dict, space: dict) -> dict:
+    """The trial's variant config: ``base`` with the sampled values. One ``head`` parameter sets the head
+    of every transformer side (the thesis compares v1/v2 with the same strategy on both sides)."""
+    cfg = copy.deepcopy(base)
+    lr = space["lr"]
+    cfg["lr"] = trial.suggest_float("lr", float(lr["low"]), float(lr["high"]), log=bool(lr["log"]))
+    m = space["margin"]
+    cfg["margin"] = trial.suggest_float("margin", float(m["low"]), float(m["high"]), log=bool(m["log"]))
+    choices = head_choices(cfg, list(space["head"]))
+    tunable = sorted({h for c in choices.values() if c != ["pool"] for h in c}, key=TRANSFORMER_HEADS.index)
+    if len(tunable) > 1:
+        head = trial.suggest_categorical("head", tunable)
+        for side, c in choices.items():
+            if c != ["pool"]:
+                cfg[f"{side}_head"] = head
+    for key in ("loss_mode", "batch_size"):
+        if len(space[key]) > 1:
+            cfg[key] = trial.suggest_categorical(key, list(space[key]))
+        elif len(space[key]) == 1:
+            cfg[key] = space[key][0]
+    return cfg
+
+
+def make_pruner(params: dict) -> optuna.pruners.BasePruner:
+    name = params["pruner"]
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=int(params["pruner_startup_trials"]),
+                                           n_warmup_steps=int(params["pruner_warmup_epochs"]))
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=int(params["epochs"]))
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ImemError(f"params: tune.pruner = {name!r} is not one of: median, hyperband, none")
+
+
+def make_sampler(params: dict, trial_number: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=int(params["seed"]) + trial_number,
+                                      n_startup_trials=int(params["sampler_startup_trials"]))
+
+
+def default_study_name(tune_params: dict, cfg: dict, prepare_dir: Path, features_dir: Path) -> str:
+    """``imem-<variant>-<digest>``: the digest covers what makes trials comparable (the tune settings but
+    n_trials/storage/name, the variant's config, the prepared pairs and the feature store's manifest), so a
+    changed search space or new data starts a new study while re-running the same command resumes (or,
+    when complete, just re-reports) the existing one; raising n_trials extends it."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    keep = {k: v for k, v in tune_params.items() if k not in ("n_trials", "storage", "study_name")}
+    h.update(json.dumps([keep, cfg], sort_keys=True, default=str).encode())
+    for f in [*(prepare_dir / s / "pairs.csv" for s in ("train", "val")), features_dir / "manifest.json"]:
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    return f"imem-{tune_params['variant']}-{h.hexdigest()[:8]}"
+
+
+# --- the study -----------------------------------------------------------------------------------------------
+
+class Tuner:
+    """One worker of a study: claims trials until the study has ``n_trials`` COMPLETE + PRUNED ones."""
+
+    def __init__(self, tune_params: dict, train_params: dict, prepare_dir: str | Path, features_dir: str | Path,
+                 storage: str | None = None, study_name: str | None = None, n_trials: int | None = None,
+                 track: bool = True, progress: bool = True):
+        self.p = copy.deepcopy(tune_params)
+        if n_trials is not None:
+            self.p["n_trials"] = n_trials
+        if int(self.p["n_trials"]) < 1:
+            raise ImemError(f"params: tune.n_trials = {self.p['n_trials']} must be at least 1")
+        if int(self.p["epochs"]) < 1:
+            raise ImemError(f"params: tune.epochs = {self.p['epochs']} must be at least 1")
+        if self.p["objective"] not in (*LOSS_NAMES, "total"):
+            raise ImemError(f"params: tune.objective = {self.p['objective']!r} is not one of: "
+                            f"{', '.join((*LOSS_NAMES, 'total'))}")
+        self.base = variant_config(train_params, self.p["variant"])
+        self.base["epochs"] = int(self.p["epochs"])
+        self.prepare_dir, self.features_dir = Path(prepare_dir), Path(features_dir)
+        self.url = storage_url(storage, self.p)
+        self.storage = open_storage(self.url, self.p, track)
+        self.study_name = study_name or self.p["study_name"] or default_study_name(self.p, self.base, self.prepare_dir,
+                                                                                   self.features_dir)
+        self.track, self.progress = track, progress
+        self.study = optuna.create_study(storage=self.storage, study_name=self.study_name, direction="minimize",
+                                         pruner=make_pruner(self.p), sampler=make_sampler(self.p, 0),
+                                         load_if_exists=True)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.cache_memo: dict = {}  # frozen-backbone outputs shared by this worker's trials (same backbone)
+
+    # ----- claiming
+    def claim(self) -> optuna.Trial | str | None:
+        """Under the storage lock: a waiting (retried) trial, else a new one while fewer than n_trials are
+        done, running or waiting; ``"wait"`` when only other workers' running trials are left (one of them
+        may turn stale and come back as a retry); None when the study is complete."""
+        with claim_lock(self.storage, self.url):
+            trials = self.study.get_trials(deepcopy=False)
+            n = {s: sum(t.state == s for t in trials) for s in TrialState}
+            done = n[TrialState.COMPLETE] + n[TrialState.PRUNED]
+            if n[TrialState.WAITING]:
+                return self.study.ask()
+            if done + n[TrialState.RUNNING] < int(self.p["n_trials"]):
+                self.study.sampler = make_sampler(self.p, len(trials))
+                return self.study.ask()
+            return "wait" if n[TrialState.RUNNING] else None
+
+    def run(self) -> dict:
+        """Work on the study until it is complete; then write nothing (see :func:`write_best`)."""
+        with self._parent_run():
+            poll = max(0.5, min(5.0, float(self.p["heartbeat_interval"]) / 2))
+            while True:
+                optuna.storages.fail_stale_trials(self.study)
+                trial = self.claim()
+                if trial is None:
+                    break
+                if trial == "wait":
+                    time.sleep(poll)
+                    continue
+                self._run_trial(trial)
+            summary = self.summary()
+            if self.track and summary["best"] is not None:
+                import mlflow
+
+                mlflow.log_params({f"best.{k}": v for k, v in summary["best"]["params"].items()})
+                mlflow.log_metrics({"best_value": summary["best"]["value"], "n_complete": summary["complete"],
+                                    "n_pruned": summary["pruned"], "n_failed": summary["failed"]})
+        return summary
+
+    @contextlib.contextmanager
+    def _parent_run(self):
+        if not self.track:
+            yield None
+            return
+        import mlflow
+
+        from imem.tracking import mlflow_run, tracking_uri
+
+        with contextlib.ExitStack() as stack:
+            with claim_lock(self.storage, self.url):
+                parent = self.study.user_attrs.get("mlflow_parent_run_id")
+                if parent is None:
+                    params = {"study": self.study_name, "storage": _redact(self.url),
+                              **{f"tune.{k}": v for k, v in self.p.items() if k not in ("storage", "study_name")}}
+                    run = stack.enter_context(mlflow_run(EXPERIMENT, self.study_name, params,
+                                                         tags={"optuna.study": self.study_name}))
+                    self.study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+            if parent is not None:
+                mlflow.set_tracking_uri(tracking_uri())
+                mlflow.set_experiment(EXPERIMENT)
+                stack.enter_context(mlflow.start_run(run_id=parent))
+            yield
+        return
+
+    # ----- one trial
+    def _run_trial(self, trial: optuna.Trial) -> None:
+        trial.set_user_attr("worker", self.worker)
+        with Heartbeat(self.storage, trial._trial_id):
+            try:
+                cfg = suggest(trial, self.base, self.p["space"])
+                value = self._train(trial, cfg)
+            except optuna.TrialPruned:
+                self.study.tell(trial, state=TrialState.PRUNED)
+                return
+            except BaseException:
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
+        self.study.tell(trial, value)
+
+    def _train(self, trial: optuna.Trial, cfg: dict) -> float:
+        key = f"val/{self.p['objective']}"
+
+        def on_epoch(row: dict) -> None:
+            if key not in row:
+                raise ImemError(f"params: tune.objective = {self.p['objective']!r}: the variant "
+                                f"{cfg['variant']} reports no {key} (is its loss weight 0?)")
+            if self.track:
+                import mlflow
+
+                mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            value = float(row[key])
+            trial.report(value, row["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {row['epoch']} ({key} = {value:.6g})")
+
+        run_id, state = None, "PRUNED"
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.track:
+                    from imem.tracking import mlflow_run
+
+                    run = stack.enter_context(mlflow_run(
+                        EXPERIMENT, f"{self.study_name}-trial-{trial.number}",
+                        {**cfg, "optuna.trial_number": trial.number},
+                        tags={"optuna.study": self.study_name, "optuna.trial_number": str(trial.number),
+                              "imem.variant": cfg["variant"], "imem.worker": self.worker}, nested=True))
+                    run_id = run.info.run_id
+                    trial.set_user_attr("mlflow_run_id", run_id)
+                try:
+                    value, rep = self._fit(cfg, key, on_epoch)
+                    state = "COMPLETE"
+                    if self.track:
+                        import mlflow
+
+                        mlflow.log_metrics({"value": value, "best_epoch": float(rep["best_epoch"]),
+                                            **{k: float(v) for k, v in rep.items() if k.startswith("val/")}})
+                    return value
+                except NonFiniteLoss as exc:
+                    trial.set_user_attr("pruned_reason", str(exc))
+                    raise optuna.TrialPruned(str(exc)) from exc
+                except optuna.TrialPruned:
+                    raise
+                except BaseException:
+                    state = "FAIL"
+                    raise
+                finally:
+                    if self.track:
+                        import mlflow
+
+                        mlflow.set_tag("optuna.state", state)
+        finally:
+            if run_id is not None and state == "PRUNED":
+                # the nested run's context marked it FAILED (an exception left it): pruned is KILLED
+                import mlflow
+
+                mlflow.tracking.MlflowClient().set_terminated(run_id, status="KILLED")
+
+    def _fit(self, cfg: dict, key: str, on_epoch) -> tuple[float, dict]:
+        """Train the trial's config in a temporary directory (never models/); the value at the kept epoch."""
+        values: dict[int, float] = {}
+
+        def hook(row: dict) -> None:
+            on_epoch(row)
+            values[row["epoch"]] = float(row[key])
+
+        with tempfile.TemporaryDirectory(prefix="imem-tune-") as tmp:
+            rep = train_variant(cfg, self.prepare_dir, self.features_dir, Path(tmp) / "model", Path(tmp) / "report",
+                                track=False, progress=self.progress, on_epoch=hook, cache_memo=self.cache_memo)
+        value = values[rep["best_epoch"]]
+        if not math.isfinite(value):
+            raise optuna.TrialPruned(f"{key} = {value}")
+        return value, rep
+
+    # ----- results
+    def summary(self) -> dict:
+        trials = self.study.get_trials(deepcopy=False)
+        count = {s: sum(t.state == s for t in trials) for s in TrialState}
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = min(complete, key=lambda t: (t.value, t.number)) if complete else None
+        return {"study": self.study_name, "storage": _redact(self.url), "complete": count[TrialState.COMPLETE],
+                "pruned": count[TrialState.PRUNED], "failed": count[TrialState.FAIL],
+                "best": None if best is None else {"number": best.number, "value": best.value,
+                                                   "params": dict(best.params)}}
+
+
+# --- the best parameters -------------------------------------------------------------------------------
+
+def best_params_doc(tuner: Tuner, params_file: str | Path = "params.yaml") -> dict:
+    """The best trial as params.yaml keys plus the command that promotes them (nothing is rewritten)."""
+    s = tuner.summary()
+    if s["best"] is None:
+        raise ImemError(f"study {tuner.study_name}: no COMPLETE trial (all {s['pruned']} pruned, "
+                        f"{s['failed']} failed): widen tune.space or lower the learning-rate range")
+    v = tuner.p["variant"]
+    keys: dict[str, object] = {}
+    for name, value in s["best"]["params"].items():
+        if name == "head":
+            for side in ("image", "music"):
+                if tuner.base.get(f"{side}_encoder", {}).get("type") not in (None, "resnet"):
+                    keys[f"train.variants.{v}.{side}_head"] = value
+        else:
+            keys[f"train.variants.{v}.{name}"] = value
+    existing = _flat(yaml.safe_load(Path(params_file).read_text()) or {}) if Path(params_file).is_file() else {}
+    # dvc exp run -S: "key=value" modifies a key params.yaml has, "+key=value" adds one it lacks
+    sets = [f"'{'' if k in existing else '+'}{k}={_yaml_scalar(val)}'" for k, val in keys.items()]
+    best_trial = tuner.study.trials[s["best"]["number"]]
+    return {"study": s["study"], "storage": s["storage"], "variant": v, "objective": f"val/{tuner.p['objective']}",
+            "epochs_per_trial": int(tuner.p["epochs"]), "trials": {k: s[k] for k in ("complete", "pruned", "failed")},
+            "best_trial": s["best"]["number"], "best_value": s["best"]["value"],
+            "mlflow_run_id": best_trial.user_attrs.get("mlflow_run_id"),
+            "params": keys, "promote": "dvc exp run " + " ".join(f"-S {x}" for x in sets)}
+
+
+def _yaml_scalar(v) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_best(tuner: Tuner, out_dir: str | Path, params_file: str | Path = "params.yaml") -> dict:
+    """``best_params.yaml`` and ``trials.csv`` (one row per trial) under ``out_dir``."""
+    out_dir = Path(out_dir)
+    doc = best_params_doc(tuner, params_file)
+    head = ("# The best trial of an `imem tune` study. params.yaml is NOT changed: promote these values with\n"
+            "# the `promote` command (a DVC experiment), then `dvc exp apply` the run you want to keep.\n")
+    write_text(out_dir / "best_params.yaml", head + yaml.safe_dump(doc, sort_keys=False, width=10**6))
+    df = tuner.study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    if "duration" in df:
+        df["duration"] = df["duration"].dt.total_seconds()
+    write_csv(out_dir / "trials.csv", df, float_format="%.6g")
+    return doc
+
+
+def run_tune(params_file: str | Path = "params.yaml", storage: str | None = None, study_name: str | None = None,
+             n_trials: int | None = None, prepare_dir: str | Path = "artifacts/prepare",
+             features_dir: str | Path = "artifacts/features", out_dir: str | Path | None = "reports/tune",
+             track: bool = True, progress: bool = True) -> dict:
+    """`imem tune` / stages/tune.py: work on the study until it is complete, then (``out_dir``) write the
+    best parameters. Several invocations against one storage share the study's trials."""
+    from imem.params import section
+
+    tuner = Tuner(section("tune", path=params_file), section("train", path=params_file), prepare_dir, features_dir,
+                  storage=storage, study_name=study_name, n_trials=n_trials, track=track, progress=progress)
+    summary = tuner.run()
+    if out_dir is not None:
+        summary["best_params"] = write_best(tuner, out_dir, params_file)
+    return summary

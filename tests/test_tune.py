@@ -1,0 +1,277 @@
+"""`imem tune`: a short Optuna study end to end on a tiny pipeline (trials, pruning, best-params file,
+nested MLflow runs, the optuna CLI and optuna-dashboard), and several workers on a real PostgreSQL
+server, one of them killed in the middle of a trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+from pg import pg_bindir, postgres_server
+
+from corpus_fixtures import write_small_corpus
+from imem.data.prepare import prepare, write_outputs
+from imem.errors import ImemError
+from imem.features.store import build_store
+from imem.params import section
+from imem.tuning import Tuner, make_sampler, run_tune, suggest
+
+BIN = Path(sys.executable).parent
+TINY_TRAIN = {
+    "common": {"epochs": 2, "batch_size": 16, "cache_batch_size": 16},
+    "encoders": {
+        "vit_tiny": {"type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 64, "image_size": 32, "patch_size": 8, "pretrained": None},
+        "beats_small": {"type": "beats", "size": "small", "pretrained": None},
+        "r18": {"type": "resnet", "arch": "resnet18", "pretrained": None},
+    },
+    "variants": {
+        "transformer_v2": {"kind": "matching", "image_encoder": "vit_tiny", "music_encoder": "beats_small",
+                           "image_head": "cls", "music_head": "cls"},
+        "cnn": {"kind": "matching", "image_encoder": "r18", "music_encoder": "r18"},
+        # what the tests tune: a transformer image side (head choice) and a cheap CNN music side (pool only)
+        "mixed": {"kind": "matching", "image_encoder": "vit_tiny", "music_encoder": "r18", "image_head": "cls"},
+    },
+}
+TINY_TUNE = {"variant": "mixed", "n_trials": 5, "epochs": 3, "seed": 3, "sampler_startup_trials": 3, "pruner_startup_trials": 1,
+             "pruner_warmup_epochs": 0, "heartbeat_interval": 1, "grace_period": 3,
+             "space": {"lr": {"low": 1e-3, "high": 100.0, "log": True}, "head": ["cls", "mean"], "batch_size": [16, 32]}}
+
+
+def tiny_pipeline(tmp: Path) -> Path:
+    """prepare + features of a 3-song corpus, and a params.yaml with tiny encoders and a short study."""
+    write_small_corpus(tmp / "corpus", n_songs=3)
+    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
+    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
+    p["split"] = {"train": 0.6, "val": 0.2, "test": 0.2}
+    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
+    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": 32}}), progress=False)
+    (tmp / "params.yaml").write_text(yaml.safe_dump({"train": TINY_TRAIN, "tune": TINY_TUNE}))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("tune"))
+
+
+@pytest.fixture(scope="module")
+def study(tiny):
+    """One short study: 5 trials of 3 epochs; trial 0 is enqueued with lr = 100 (diverges: NaN -> pruned)."""
+    uri = f"sqlite:///{tiny / 'mlflow.db'}"
+    storage = f"sqlite:///{tiny / 'optuna.db'}"
+    params_before = (tiny / "params.yaml").read_bytes()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("OPTUNA_STORAGE", raising=False)
+        t0 = time.perf_counter()
+        tuner = Tuner(section("tune", path=tiny / "params.yaml"), section("train", path=tiny / "params.yaml"),
+                      tiny / "prepare", tiny / "features", storage=storage, progress=False)
+        tuner.study.enqueue_trial({"lr": 100.0, "head": "cls", "margin": 0.5, "loss_mode": "sum", "batch_size": 16})
+        name = tuner.study_name
+        assert name.startswith("imem-mixed-") and len(name) == len("imem-mixed-") + 8
+        summary = run_tune(tiny / "params.yaml", storage=storage, prepare_dir=tiny / "prepare",
+                           features_dir=tiny / "features", out_dir=tiny / "reports", progress=False)
+        seconds = time.perf_counter() - t0
+    assert (tiny / "params.yaml").read_bytes() == params_before  # never rewritten
+    return {"summary": summary, "storage": storage, "uri": uri, "dir": tiny, "seconds": seconds,
+            "study": optuna.load_study(study_name=name, storage=storage), "name": name}
+
+
+@pytest.mark.slow
+def test_study_runs_the_requested_trials_prunes_nan_and_reports_every_epoch(study):
+    trials = study["study"].get_trials()
+    assert len(trials) == 5
+    states = [t.state for t in trials]
+    assert all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    nan = trials[0]
+    assert nan.params["lr"] == 100.0 and nan.state == TrialState.PRUNED
+    assert "non-finite loss" in nan.user_attrs["pruned_reason"]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        assert sorted(t.intermediate_values) == [1, 2, 3]
+        assert t.value in t.intermediate_values.values()  # the kept epoch's val/sim
+        assert set(t.params) == {"lr", "margin", "head", "loss_mode", "batch_size"}
+        assert t.params["head"] in ("cls", "mean")
+    best = min(complete, key=lambda t: t.value)
+    s = study["summary"]
+    assert s["best"]["number"] == best.number and s["complete"] + s["pruned"] == 5
+
+
+@pytest.mark.slow
+def test_best_params_file_and_promote_command(study):
+    doc = yaml.safe_load((study["dir"] / "reports" / "best_params.yaml").read_text())
+    best = study["study"].best_trial
+    assert doc["best_trial"] == best.number and doc["best_value"] == pytest.approx(best.value)
+    keys = doc["params"]
+    v = "train.variants.mixed"
+    assert keys[f"{v}.lr"] == pytest.approx(best.params["lr"])
+    assert keys[f"{v}.image_head"] == best.params["head"] and f"{v}.music_head" not in keys  # CNN side: pool
+    # params.yaml has image_head for the variant but no lr: '+' adds a key, plain '-S' changes one
+    assert f"-S '+{v}.lr=" in doc["promote"] and f"-S '{v}.image_head={best.params['head']}'" in doc["promote"]
+    rows = (study["dir"] / "reports" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 6 and rows[0].startswith("number,state,value")
+
+
+@pytest.mark.slow
+def test_nested_mlflow_runs_one_per_trial(study):
+    import mlflow
+
+    mlflow.set_tracking_uri(study["uri"])
+    runs = mlflow.search_runs(experiment_names=["imem-tune"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name == study["name"]
+    assert study["study"].user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert len(children) == 5
+    client = mlflow.tracking.MlflowClient()
+    for t in study["study"].get_trials():
+        run = children[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.tags["optuna.state"] == t.state.name
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        hist = client.get_metric_history(run.info.run_id, "val/sim")
+        assert [m.value for m in hist] == pytest.approx([t.intermediate_values[m.step] for m in hist])
+        if t.state == TrialState.COMPLETE:
+            assert run.info.status == "FINISHED" and run.data.metrics["value"] == pytest.approx(t.value)
+            assert [m.step for m in hist] == [1, 2, 3]
+        else:
+            assert run.info.status == "KILLED" and "value" not in run.data.metrics
+    assert parents[0].data.metrics["best_value"] == pytest.approx(study["study"].best_value)
+
+
+@pytest.mark.slow
+def test_optuna_cli_and_dashboard_read_the_storage(study):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    out = subprocess.run([str(BIN / "optuna"), "trials", "--storage", study["storage"], "--study-name",
+                          study["name"], "-f", "json"], capture_output=True, text=True, check=True, env=env)
+    assert len(json.loads(out.stdout)) == 5
+    out = subprocess.run([str(BIN / "optuna"), "best-trial", "--storage", study["storage"], "--study-name",
+                          study["name"], "-f", "json"], capture_output=True, text=True, check=True, env=env)
+    assert json.loads(out.stdout)["number"] == study["study"].best_trial.number
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dash = subprocess.Popen([str(BIN / "optuna-dashboard"), study["storage"], "--host", "127.0.0.1", "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("optuna-dashboard did not answer")
+        names = [st["study_name"] for st in body["study_summaries"]]
+        assert names == [study["name"]]
+    finally:
+        dash.terminate()
+        dash.wait(10)
+
+
+def test_sampler_is_seeded_per_trial_number(tiny):
+    p = section("tune", path=tiny / "params.yaml")
+    cfgs = []
+    for _ in range(2):
+        st = optuna.create_study(sampler=make_sampler(p, 4))
+        cfgs.append(suggest(st.ask(), _variant(), p["space"]))
+    assert cfgs[0] == cfgs[1]
+    other = suggest(optuna.create_study(sampler=make_sampler(p, 5)).ask(), _variant(), p["space"])
+    assert other["lr"] != cfgs[0]["lr"]
+
+
+def _variant(name="transformer_v2"):
+    from imem.training import variant_config
+
+    return variant_config(section("train", {"train": TINY_TRAIN}), name)
+
+
+def test_head_choices_follow_the_encoder():
+    st = optuna.create_study()
+    space = section("tune")["space"]
+    t = st.ask()
+    cfg = suggest(t, _variant("cnn"), space)
+    assert "head" not in t.params and cfg["image_head"] == cfg["music_head"] == "pool"  # a CNN offers pool only
+    t = st.ask()
+    cfg = suggest(t, _variant(), space)
+    assert t.params["head"] in ("flatten", "cls", "mean") and cfg["image_head"] == cfg["music_head"] == t.params["head"]
+    with pytest.raises(ImemError, match=r"tune.space.head: 'pool' is not a transformer head"):
+        suggest(st.ask(), _variant(), {**space, "head": ["pool", "cls"]})
+
+
+def test_bad_tune_params_are_one_clear_error(tiny, tmp_path):
+    train = section("train", path=tiny / "params.yaml")
+    with pytest.raises(ImemError, match=r"tune.objective = 'simm' is not one of"):
+        Tuner({**section("tune"), "objective": "simm"}, train, tiny / "prepare", tiny / "features",
+              storage=f"sqlite:///{tmp_path / 'o.db'}")
+    with pytest.raises(ImemError, match=r"unknown key 'tune.space.lrr'"):
+        section("tune", {"tune": {"space": {"lrr": {}}}})
+    with pytest.raises(ImemError, match=r"Optuna storage postgresql\+psycopg2://u:\*\*\*@127.0.0.1:1/x: "):
+        Tuner(section("tune"), train, tiny / "prepare", tiny / "features",
+              storage="postgresql+psycopg2://u:secret@127.0.0.1:1/x")
+
+
+# --- PostgreSQL: several workers, one killed mid-trial ------------------------------------------------------
+
+def _worker(tiny: Path, storage: str, n: int, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "imem.cli", "tune", "--params", str(tiny / "params.yaml"),
+                             "--storage", storage, "--study-name", "pg", "--n-trials", str(n), "--prepare", str(tiny / "prepare"),
+                             "--features", str(tiny / "features"), "--out", str(tiny / "pg_reports"), "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(pg_bindir() is None, reason="PostgreSQL binaries absent (.ci/run installs Debian's postgresql)")
+def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_trial(tiny, tmp_path):
+    n = 6
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore"}
+    env.pop("OPTUNA_STORAGE", None)
+    with postgres_server() as url:
+        victim = _worker(tiny, url, n, env)
+        # wait until the victim is inside a trial (at least one epoch reported), then SIGKILL it
+        storage = optuna.storages.RDBStorage(url)
+        killed = None
+        deadline = time.time() + 120
+        while killed is None and time.time() < deadline:
+            try:
+                st = optuna.load_study(study_name="pg", storage=storage)
+            except KeyError:
+                time.sleep(0.2)
+                continue
+            running = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.RUNNING and t.intermediate_values]
+            if running:
+                os.kill(victim.pid, signal.SIGKILL)
+                killed = running[0].number
+            time.sleep(0.05)
+        victim.wait(30)
+        assert killed is not None, victim.stdout.read()
+        workers = [_worker(tiny, url, n, env) for _ in range(2)]
+        outs = [w.communicate(timeout=300)[0] for w in workers]
+        assert [w.returncode for w in workers] == [0, 0], outs
+        trials = optuna.load_study(study_name="pg", storage=storage).get_trials()
+        storage.engine.dispose()
+    states = [t.state for t in trials]
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == n  # exactly n, none lost
+    assert states.count(TrialState.FAIL) == 1 and trials[killed].state == TrialState.FAIL
+    assert states.count(TrialState.RUNNING) == states.count(TrialState.WAITING) == 0
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1 and retried[0].system_attrs["retry_history"] == [killed]
+    assert retried[0].params == trials[killed].params and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    new_workers = {f"{os.uname().nodename}:{w.pid}" for w in workers}
+    assert retried[0].user_attrs["worker"] in new_workers
+    assert {t.user_attrs["worker"] for t in trials if t.number > killed} <= new_workers
