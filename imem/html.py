@@ -37,7 +37,7 @@ def relative_url(path: str | Path, page_dir: Path) -> str:
 def _media(path: str, kind: str, page_dir: Path) -> str:
     if kind == "image":
         return f'<img class="thumb" src="{thumbnail_data_uri(path)}" alt="{html.escape(Path(path).name)}">'
-    return f'<audio controls preload="none" src="{relative_url(path, page_dir)}"></audio>'
+    return f'<audio controls preload="metadata" src="{relative_url(path, page_dir)}"></audio>'
 
 
 def _va_plot(query_va: tuple[float, float], results: pd.DataFrame, size: int = 300) -> str:
@@ -54,6 +54,9 @@ def _va_plot(query_va: tuple[float, float], results: pd.DataFrame, size: int = 3
              f'<line x1="{size / 2}" y1="{pad}" x2="{size / 2}" y2="{size - pad}" stroke="#ddd"/>',
              f'<line x1="{pad}" y1="{size / 2}" x2="{size - pad}" y2="{size / 2}" stroke="#ddd"/>',
              f'<text x="{size / 2}" y="{size - 8}" text-anchor="middle" class="ax">valence &#8594;</text>',
+             f'<text x="{pad}" y="{size - pad + 12}" text-anchor="middle" class="ax">0</text>',
+             f'<text x="{size - pad}" y="{size - pad + 12}" text-anchor="middle" class="ax">1</text>',
+             f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end" class="ax">1</text>',
              f'<text x="12" y="{size / 2}" text-anchor="middle" class="ax" '
              f'transform="rotate(-90 12 {size / 2})">arousal &#8594;</text>']
     for r in results.itertuples():
@@ -79,7 +82,8 @@ th, td { border-bottom: 1px solid #e3e3e3; padding: 6px 12px; text-align: left; 
 th { background: #f3f3f3; } td.num { font-variant-numeric: tabular-nums; text-align: right; }
 img.thumb { max-width: 160px; max-height: 160px; border-radius: 4px; display: block; }
 audio { width: 280px; } .name { font-size: 12px; color: #555; word-break: break-all; max-width: 260px; }
-.bar { background: #e8eef7; width: 120px; margin-left: auto; height: 10px; border-radius: 5px; margin-top: 3px; }
+.score { display: flex; align-items: center; gap: 8px; font-variant-numeric: tabular-nums; }
+.bar { background: #e8eef7; width: 100px; height: 10px; border-radius: 5px; }
 .bar > div { background: #4a7fc1; height: 10px; border-radius: 5px; }
 .ax { font-size: 11px; fill: #555; } .lbl { font-size: 10px; fill: #fff; font-weight: bold; }
 .note { color: #666; font-size: 12px; margin-top: 16px; max-width: 900px; }
@@ -102,8 +106,8 @@ def render_results(results: pd.DataFrame, summary: dict, page_dir: str | Path) -
             f"<tr><td class='num'>{r.rank}</td><td>{_media(r.path, r_kind, page_dir)}"
             f"<div class='name'><a href='{relative_url(r.path, page_dir)}'>{html.escape(Path(r.path).name)}</a>"
             f"{extra}</div></td>"
-            f"<td class='num'>{r.predicted_s:.3f}<div class='bar'><div style='width:{100 * r.predicted_s:.0f}%'>"
-            f"</div></div></td><td class='num'>{r.valence:.3f}</td><td class='num'>{r.arousal:.3f}</td>"
+            f"<td><div class='score'><div class='bar'><div style='width:{100 * r.predicted_s:.0f}%'></div></div>"
+            f"<span>{r.predicted_s:.3f}</span></div></td><td class='num'>{r.valence:.3f}</td><td class='num'>{r.arousal:.3f}</td>"
             f"<td class='num'>{r.embedding_distance:.3f}</td></tr>")
     ranked = "predicted similarity S" if summary["rank_by"] == "sim" else "embedding distance ||f_I - f_M||&#178;"
     return f"""<!DOCTYPE html>

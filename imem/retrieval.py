@@ -2,20 +2,23 @@
 
 Cache. A collection file is embedded once per (model weights, modality, audio window hop) and stored by
 the sha256 of its bytes, so a renamed or copied file is found again and an edited one is re-embedded.
-Under ``<cache>/<weights key>/<image | music-hop<h>>/``:
+Under ``<cache>/v1/<weights key>/<image | music-hop<h>>/``:
 
-* ``shard-NNNNNN.npy`` float32 (n, D + 2): per file the embedding f (D) and its predicted VA, one shard
-  per embedding batch, written atomically;
+* ``shard-NNNNNN.npy`` float32 (n, D + 2 + H): per file the embedding f (D), its predicted VA (2) and
+  its projection through its half of the similarity decoder's first layer (H, see below), one shard per
+  embedding batch (at most 4,096 files), written atomically;
 * ``index.sqlite``: ``items(sha, shard, row, windows)`` and a ``files(path, size, mtime_ns, sha)`` table
   so an unchanged file (same size and modification time) is not even re-read to be hashed.
 
-Search streams the collection in chunks of ``chunk_size`` rows read from the memory-mapped shards and
-keeps a running top-k, so memory is bounded by the chunk, not the collection.
+Search streams the collection in chunks of ``chunk_size`` rows read from the memory-mapped shards (each
+shard unmapped once read) and keeps a running top-k, so memory is bounded by the chunk, not the
+collection.
 
 Scores. The similarity decoder takes [f_I, f_M] (CDCML eq. 5); its first layer is linear, so
-W [f_I; f_M] + b = W_I f_I + (W_M f_M + b): the collection side's projection is one matrix product per
-chunk, the query's once, and they are added by broadcasting before the rest of the decoder (BatchNorm
-in eval mode is a per-feature affine map, ReLU and the later layers act per pair). The result equals
+W [f_I; f_M] + b = W_I f_I + (W_M f_M + b): the collection side's projections are computed when a file is
+embedded and cached with it, the query's once, and they are added by broadcasting before the rest of the
+decoder (BatchNorm in eval mode is a per-feature affine map, ReLU and the later layers act per pair,
+so nothing else needs the pair). The result equals
 ``model.heads`` up to float rounding (tested); ``rank_by="sim"`` ranks by it. The default,
 ``rank_by="distance"``, ranks by the squared embedding distance ||f_I - f_M||^2 (the space the CFM/CFR
 losses shape), a plain matrix product: on the embedded corpus its top-5 has the higher true S
@@ -78,7 +81,8 @@ class SplitSim:
 
 def squared_distances(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """||q_i - x_j||^2 for all pairs as |q|^2 - 2 q.x + |x|^2 (one matrix product), clamped at 0."""
-    return ((q * q).sum(1, keepdim=True) - 2.0 * q @ items.T + (items * items).sum(1)[None, :]).clamp_min(0.0)
+    sq_items = torch.linalg.vector_norm(items, dim=1).square()  # no (C, D) temporary
+    return (q.square().sum(1, keepdim=True) - 2.0 * (items @ q.T).T + sq_items[None, :]).clamp_min(0.0)
 
 
 # --- the embedding cache ---------------------------------------------------------------------------------
@@ -86,9 +90,12 @@ def squared_distances(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
 class EmbeddingCache:
     """Content-keyed embeddings of one modality under one model (see the module docstring)."""
 
-    def __init__(self, root: str | Path, model_key: str, space: str, dim: int):
-        self.dir = Path(root) / model_key[:24] / space
-        self.dim = dim
+    VERSION = "v1"  # of the layout below; a new layout gets a new folder instead of misreading old shards
+
+    def __init__(self, root: str | Path, model_key: str, space: str, dim: int, proj_dim: int):
+        self.dir = Path(root) / self.VERSION / model_key[:24] / space
+        self.dim, self.proj_dim = dim, proj_dim
+        self.width = dim + 2 + proj_dim
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.dir / "index.sqlite")
@@ -139,10 +146,10 @@ class EmbeddingCache:
                 found[sha] = (shard, row, windows)
         return found
 
-    def add(self, shas: list[str], f: torch.Tensor, va: torch.Tensor, windows: list[int]) -> None:
+    def add(self, shas: list[str], f: torch.Tensor, va: torch.Tensor, proj: torch.Tensor, windows: list[int]) -> None:
         """One new shard holding these rows; the index points at it only once the shard file is complete."""
         (n,) = self.db.execute("SELECT COALESCE(MAX(shard), -1) + 1 FROM items").fetchone()
-        data = torch.cat([f.float(), va.float()], dim=1).numpy().astype(np.float32)
+        data = torch.cat([f.float(), va.float(), proj.float()], dim=1).numpy().astype(np.float32)
         with atomic_path(self._shard_path(n)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, data)
         self.db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)",
@@ -160,10 +167,14 @@ class EmbeddingCache:
             except (OSError, ValueError) as exc:
                 raise ImemError(f"embedding cache shard {path} is missing or unreadable: delete {self.dir} "
                                 "to rebuild it") from exc
-            if arr.ndim != 2 or arr.shape[1] != self.dim + 2:
-                raise ImemError(f"embedding cache shard {path} has shape {arr.shape}, expected (n, {self.dim + 2})")
+            if arr.ndim != 2 or arr.shape[1] != self.width:
+                raise ImemError(f"embedding cache shard {path} has shape {arr.shape}, expected (n, {self.width})")
             self._maps[shard] = arr
         return self._maps[shard]
+
+    def release(self, shard: int) -> None:
+        """Unmap a shard (its pages leave this process's memory)."""
+        self._maps.pop(shard, None)
 
 
 @dataclass
@@ -182,15 +193,25 @@ class Collection:
         return len(self.paths)
 
     def chunks(self, chunk_size: int):
-        """(item indices, (C, D + 2) float32 rows) in chunks, shard by shard (sequential memmap reads)."""
+        """(item indices, (C, width) float32 rows) in chunks, shard by shard (sequential memmap reads);
+        a shard is unmapped as soon as the chunks have passed it."""
         order = np.lexsort((self.row, self.shard))
         for start in range(0, len(order), chunk_size):
             idx = order[start:start + chunk_size]
-            parts = []
-            for s in np.unique(self.shard[idx]):
-                sel = idx[self.shard[idx] == s]
-                parts.append((sel, np.asarray(self.cache.shard(int(s))[self.row[sel]])))
-            yield np.concatenate([p[0] for p in parts]), torch.from_numpy(np.concatenate([p[1] for p in parts]))
+            out = np.empty((len(idx), self.cache.width), dtype=np.float32)
+            shard_ids, bounds = np.unique(self.shard[idx], return_index=True)  # idx is sorted by shard
+            bounds = list(bounds) + [len(idx)]
+            for j, s in enumerate(shard_ids):
+                rows = self.row[idx[bounds[j]:bounds[j + 1]]]
+                arr = self.cache.shard(int(s))
+                if rows[-1] - rows[0] + 1 == len(rows):  # a contiguous run (the usual case): a slice copy
+                    out[bounds[j]:bounds[j + 1]] = arr[rows[0]:rows[-1] + 1]
+                else:
+                    out[bounds[j]:bounds[j + 1]] = arr[rows]
+            for s in shard_ids[:-1]:
+                self.cache.release(int(s))
+            yield idx, torch.from_numpy(out)
+        self.cache._maps.clear()
 
     def vectors(self, items: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.cache.shard(int(self.shard[i]))[self.row[i]] for i in items]))
@@ -204,8 +225,9 @@ def index_collection(predictor: Predictor, paths: list[Path], side: str, cache_d
                      progress: bool = True) -> Collection:
     """Embed the files of a collection that the cache lacks (only those), and locate every file's row."""
     predictor.require(side, paths[0] if paths else None)
+    split = SplitSim(predictor.model)
     dim = int(predictor.cfg["embed_dim"])
-    cache = EmbeddingCache(cache_dir, predictor.loaded.key, space_name(side, predictor), dim)
+    cache = EmbeddingCache(cache_dir, predictor.loaded.key, space_name(side, predictor), dim, split.bias.shape[0])
     shas = cache.hashes(paths, progress)
     found = cache.lookup(shas)
     cached = sum(1 for s in shas if s in found)
@@ -219,7 +241,7 @@ def index_collection(predictor: Predictor, paths: list[Path], side: str, cache_d
         for start in range(0, len(todo), SHARD_ROWS):
             part = todo[start:start + SHARD_ROWS]
             f, va = predictor.embed_images([p for _, p in part], desc="embedding images")
-            cache.add([s for s, _ in part], f, va, [1] * len(part))
+            cache.add([s for s, _ in part], f, va, split.project(f, side), [1] * len(part))
             bar.update(len(part))
     else:
         buf: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
@@ -229,7 +251,8 @@ def index_collection(predictor: Predictor, paths: list[Path], side: str, cache_d
             buf.append((s, w.f.mean(dim=0, keepdim=True), w.va.mean(dim=0, keepdim=True), len(w.starts)))
             bar.update(1)
             if len(buf) >= SHARD_ROWS or i == len(todo) - 1:
-                cache.add([b[0] for b in buf], torch.cat([b[1] for b in buf]), torch.cat([b[2] for b in buf]),
+                f = torch.cat([b[1] for b in buf])
+                cache.add([b[0] for b in buf], f, torch.cat([b[2] for b in buf]), split.project(f, side),
                           [b[3] for b in buf])
                 buf.clear()
     bar.close()
@@ -240,7 +263,7 @@ def index_collection(predictor: Predictor, paths: list[Path], side: str, cache_d
 
 @torch.no_grad()
 def search(collection: Collection, query_f: torch.Tensor, query_side: str, split: SplitSim | None, k: int,
-           chunk_size: int = DEFAULT_CHUNK, rank_by: str = "distance", pair_budget: int = 1 << 22,
+           chunk_size: int = DEFAULT_CHUNK, rank_by: str = "distance", pair_budget: int = 1 << 17,
            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k collection items for each of the Q queries: (Q, k) item indices and their ranking scores
     (predicted S, descending; or squared embedding distance, ascending)."""
@@ -252,7 +275,6 @@ def search(collection: Collection, query_f: torch.Tensor, query_side: str, split
     if k < 1:
         raise ImemError(f"-k must be >= 1, got {k}")
     dim = collection.cache.dim
-    item_side = "music" if query_side == "image" else "image"
     qf = query_f.float()
     q_proj = split.project(qf, query_side) if rank_by == "sim" else None
     nq = qf.shape[0]
@@ -261,13 +283,12 @@ def search(collection: Collection, query_f: torch.Tensor, query_side: str, split
     n_chunks = -(-len(collection) // chunk_size)
     for idx, rows in tqdm(collection.chunks(chunk_size), total=n_chunks, desc="searching", unit="chunk",
                           disable=not progress or n_chunks < 2):
-        f = rows[:, :dim]
         if rank_by == "sim":
-            proj = split.project(f, item_side)
+            proj = rows[:, dim + 2:]  # W_item f_item, cached with the embedding
             step = max(1, pair_budget // max(1, len(idx)))  # queries per block: bounds the (q, C, H) tensor
             v = torch.cat([split.scores(q_proj[s:s + step], proj) for s in range(0, nq, step)])
         else:
-            v = -squared_distances(qf, f)
+            v = -squared_distances(qf, rows[:, :dim])
         allv = torch.cat([best_v, v], dim=1)
         alli = torch.cat([best_i, torch.from_numpy(idx).long().expand(nq, -1)], dim=1)
         top = torch.topk(allv, min(k, allv.shape[1]), dim=1)
@@ -321,7 +342,7 @@ def retrieve(loaded: LoadedModel, query_path: str | Path, query_side: str, colle
         items = items[0]
         vec = coll.vectors(items)
         dim = coll.cache.dim
-        f_items, va_items = vec[:, :dim], vec[:, dim:].numpy()
+        f_items, va_items = vec[:, :dim], vec[:, dim:dim + 2].numpy()
         # the reported S of each result: the model's own decoder on [f_I, f_M] (what the split reproduces)
         with torch.no_grad():
             fq = query.f.expand(len(items), -1)

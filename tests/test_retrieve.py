@@ -142,7 +142,7 @@ def test_cli_both_directions_write_table_and_page(pipeline, collections, tmp_pat
     assert Path(df["path"].iloc[0]).name in out and "predicted valence" in out
     page = (tmp_path / "m2i" / "index.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 6 and "<audio controls" in page
-    assert '<audio controls preload="none" src="../' in page  # the query's player links the file relatively
+    assert '<audio controls preload="metadata" src="../' in page  # the query's player links the file relatively
     summary = json.loads((tmp_path / "m2i" / "summary.json").read_text())
     assert summary["query_windows"] == 2 and summary["collection_size"] == 24
 
