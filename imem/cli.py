@@ -106,8 +106,6 @@ def _retrieve(args: argparse.Namespace) -> None:
     print(f"wrote {files['csv']} and {files['html']}")
 
 
-
-
 def _tune(args: argparse.Namespace) -> None:
     from imem.tuning import run_tune
 
