@@ -14,7 +14,7 @@ models/cnn; a randomly initialised `cnn` variant from params.yaml if that is abs
 
 Top-k agreement with a full (non-chunked) ranking is checked on the first chunk-sized slice.
 
-    python benchmarks/bench_retrieval.py [--items 1000000] [--chunk-size 65536] [--dir /tmp/imem-bench]
+    python benchmarks/bench_retrieval.py [--items 1000000] [--chunk-size 65536] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=65536)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--model", default="models/cnn")
-    ap.add_argument("--dir", help="where the synthetic cache goes (default: a temporary folder, removed after)")
+    ap.add_argument("--dir", help="parent folder of the synthetic cache (a temporary folder in it, removed after; "
+                                  "default: the system's temporary folder)")
     ap.add_argument("--pairs", type=int, default=2000, help="pairs timed for the per-pair decoder baseline")
     ap.add_argument("--full-pairs", type=int, default=3, help="pairs timed for the whole-model baseline")
     args = ap.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
     loaded = load(args.model)
     model, split = loaded.model, SplitSim(loaded.model)
     d, h = int(loaded.cfg["embed_dim"]), split.bias.shape[0]
-    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="imem-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="imem-bench-", dir=args.dir))
     print(f"model {loaded.name}; {args.items:,} items x {d}-d; torch threads {torch.get_num_threads()} on "
           f"{os.cpu_count()} cores; cache under {root}")
 
@@ -161,8 +162,7 @@ def main() -> None:
         print(f"speed-up of chunked search ({rank_by}) over naive (a): {naive_dec / secs:,.0f}x; "
               f"over naive (b): {naive_full / secs:,.0f}x")
     cache.close()
-    if not args.dir:
-        shutil.rmtree(root)
+    shutil.rmtree(root)
 
 
 if __name__ == "__main__":

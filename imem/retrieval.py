@@ -172,6 +172,25 @@ class EmbeddingCache:
             self._maps[shard] = arr
         return self._maps[shard]
 
+    def read_run(self, shard: int, start: int, out: np.ndarray) -> None:
+        """Rows ``start .. start + len(out)`` of a shard read straight into ``out`` (no memory map: the
+        pages stay in the OS page cache, not in this process)."""
+        path = self._shard_path(shard)
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = header(fh)
+                if len(shape) != 2 or shape[1] != self.width or dtype != np.float32 or start + len(out) > shape[0]:
+                    raise ImemError(f"embedding cache shard {path} has shape {shape}, expected (n, {self.width})")
+                fh.seek(fh.tell() + start * self.width * 4)
+                if fh.readinto(memoryview(out).cast("B")) != out.nbytes:
+                    raise ImemError(f"embedding cache shard {path} is truncated: delete {self.dir} to rebuild it")
+        except OSError as exc:
+            raise ImemError(f"embedding cache shard {path} is missing or unreadable: delete {self.dir} "
+                            "to rebuild it") from exc
+
     def release(self, shard: int) -> None:
         """Unmap a shard (its pages leave this process's memory)."""
         self._maps.pop(shard, None)
@@ -203,14 +222,14 @@ class Collection:
             bounds = list(bounds) + [len(idx)]
             for j, s in enumerate(shard_ids):
                 rows = self.row[idx[bounds[j]:bounds[j + 1]]]
-                arr = self.cache.shard(int(s))
-                if rows[-1] - rows[0] + 1 == len(rows):  # a contiguous run (the usual case): a slice copy
-                    out[bounds[j]:bounds[j + 1]] = arr[rows[0]:rows[-1] + 1]
+                if rows[-1] - rows[0] + 1 == len(rows):  # a contiguous run (the usual case): one read
+                    self.cache.read_run(int(s), int(rows[0]), out[bounds[j]:bounds[j + 1]])
                 else:
-                    out[bounds[j]:bounds[j + 1]] = arr[rows]
+                    out[bounds[j]:bounds[j + 1]] = self.cache.shard(int(s))[rows]
             for s in shard_ids[:-1]:
                 self.cache.release(int(s))
             yield idx, torch.from_numpy(out)
+            del out
         self.cache._maps.clear()
 
     def vectors(self, items: np.ndarray) -> torch.Tensor:
@@ -281,18 +300,21 @@ def search(collection: Collection, query_f: torch.Tensor, query_side: str, split
     best_v = torch.full((nq, 0), 0.0)
     best_i = torch.zeros((nq, 0), dtype=torch.long)
     n_chunks = -(-len(collection) // chunk_size)
-    for idx, rows in tqdm(collection.chunks(chunk_size), total=n_chunks, desc="searching", unit="chunk",
-                          disable=not progress or n_chunks < 2):
+    bar = tqdm(total=n_chunks, desc="searching", unit="chunk", disable=not progress or n_chunks < 2)
+    for idx, rows in collection.chunks(chunk_size):  # (no tqdm wrapper: it would hold the previous chunk)
         if rank_by == "sim":
-            proj = rows[:, dim + 2:]  # W_item f_item, cached with the embedding
             step = max(1, pair_budget // max(1, len(idx)))  # queries per block: bounds the (q, C, H) tensor
-            v = torch.cat([split.scores(q_proj[s:s + step], proj) for s in range(0, nq, step)])
+            # rows[:, dim + 2:] = W_item f_item, cached with the embedding
+            v = torch.cat([split.scores(q_proj[s:s + step], rows[:, dim + 2:]) for s in range(0, nq, step)])
         else:
             v = -squared_distances(qf, rows[:, :dim])
         allv = torch.cat([best_v, v], dim=1)
         alli = torch.cat([best_i, torch.from_numpy(idx).long().expand(nq, -1)], dim=1)
         top = torch.topk(allv, min(k, allv.shape[1]), dim=1)
         best_v, best_i = top.values, torch.gather(alli, 1, top.indices)
+        del rows, v, allv, alli  # before the next chunk is read: one chunk in memory at a time
+        bar.update(1)
+    bar.close()
     vals = best_v.numpy() if rank_by == "sim" else -best_v.numpy()
     return best_i.numpy(), vals
 
