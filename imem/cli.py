@@ -112,6 +112,8 @@ def _tune(args: argparse.Namespace) -> None:
     s = run_tune(args.params, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials,
                  prepare_dir=args.prepare, features_dir=args.features, out_dir=None if args.no_write else args.out,
                  track=not args.no_track, progress=not args.quiet)
+    if s is None:  # a torchrun rank > 0: rank 0 reports
+        return
     print(f"study {s['study']} ({s['storage']}): {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed")
     if s["best"] is not None:
         print(f"best trial {s['best']['number']}: value {s['best']['value']:.6g}, params {s['best']['params']}")

@@ -44,10 +44,11 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from imem import distributed as ddp
 from imem.errors import ImemError
 from imem.io import write_csv, write_text
 from imem.losses import LOSS_NAMES, NonFiniteLoss
-from imem.training import train_variant, variant_config
+from imem.training import StoppedByRank0, train_variant, variant_config
 
 EXPERIMENT = "imem-tune"
 # The worker loop below is ask/tell with its own heartbeat thread (Study.optimize cannot stop at an exact
@@ -434,6 +435,8 @@ class Tuner:
             on_epoch(row)
             values[row["epoch"]] = float(row[key])
 
+        if ddp.active():  # torchrun: the other ranks train the same config with rank 0 (see follow_trials)
+            _share_config(cfg)
         with tempfile.TemporaryDirectory(prefix="imem-tune-") as tmp:
             rep = train_variant(cfg, self.prepare_dir, self.features_dir, Path(tmp) / "model", Path(tmp) / "report",
                                 track=False, progress=self.progress, on_epoch=hook, cache_memo=self.cache_memo)
@@ -512,14 +515,55 @@ def write_best(tuner: Tuner, out_dir: str | Path, params_file: str | Path = "par
 def run_tune(params_file: str | Path = "params.yaml", storage: str | None = None, study_name: str | None = None,
              n_trials: int | None = None, prepare_dir: str | Path = "artifacts/prepare",
              features_dir: str | Path = "artifacts/features", out_dir: str | Path | None = "reports/tune",
-             track: bool = True, progress: bool = True) -> dict:
+             track: bool = True, progress: bool = True) -> dict | None:
     """`imem tune` / stages/tune.py: work on the study until it is complete, then (``out_dir``) write the
-    best parameters. Several invocations against one storage share the study's trials."""
+    best parameters. Several invocations against one storage share the study's trials. Under
+    ``torchrun --nproc-per-node N`` every trial trains on N ranks: rank 0 is the Optuna worker (storage,
+    MLflow, pruning, reports); the other ranks follow it and return None."""
     from imem.params import section
 
-    tuner = Tuner(section("tune", path=params_file), section("train", path=params_file), prepare_dir, features_dir,
-                  storage=storage, study_name=study_name, n_trials=n_trials, track=track, progress=progress)
-    summary = tuner.run()
-    if out_dir is not None:
-        summary["best_params"] = write_best(tuner, out_dir, params_file)
-    return summary
+    tune_p, train_p = section("tune", path=params_file), section("train", path=params_file)
+    device = torch_device(variant_config(train_p, tune_p["variant"])["device"])
+    with ddp.session(device):
+        if not ddp.is_main():
+            follow_trials(prepare_dir, features_dir)
+            return None
+        try:
+            tuner = Tuner(tune_p, train_p, prepare_dir, features_dir, storage=storage, study_name=study_name,
+                          n_trials=n_trials, track=track, progress=progress)
+            summary = tuner.run()
+        finally:
+            if ddp.active():
+                _share_config(None)  # releases the other ranks
+        if out_dir is not None:
+            summary["best_params"] = write_best(tuner, out_dir, params_file)
+        return summary
+
+
+def torch_device(name: str):
+    from imem.training import _device
+
+    return _device(name)
+
+
+def _share_config(cfg: dict | None) -> dict | None:
+    """Rank 0's trial config (None: the study is over) on every rank."""
+    import torch.distributed as dist
+
+    box = [cfg]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def follow_trials(prepare_dir: str | Path, features_dir: str | Path) -> None:
+    """A rank > 0 of a torchrun study: train each config rank 0 sends, until it sends None. A trial that
+    rank 0 prunes (or that fails there) stops on every rank (imem.training._epoch_hook); a NaN loss is
+    seen by all ranks at the same step."""
+    memo: dict = {}
+    while (cfg := _share_config(None)) is not None:
+        with tempfile.TemporaryDirectory(prefix="imem-tune-rank-") as tmp:
+            try:
+                train_variant(cfg, prepare_dir, features_dir, Path(tmp) / "model", Path(tmp) / "report", track=False,
+                              progress=False, cache_memo=memo)
+            except (StoppedByRank0, NonFiniteLoss):
+                continue

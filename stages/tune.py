@@ -12,6 +12,8 @@ def main() -> None:
     ap.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, tune.storage, sqlite:///optuna.db)")
     args = ap.parse_args()
     s = run_tune(storage=args.storage)
+    if s is None:  # a torchrun rank > 0: rank 0 reports
+        return
     print(f"study {s['study']}: {s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed; "
           f"best trial {s['best']['number']} (value {s['best']['value']:.6g}); promote with:\n"
           f"  {s['best_params']['promote']}")
