@@ -14,7 +14,7 @@ models/cnn; a randomly initialised `cnn` variant from params.yaml if that is abs
 
 Top-k agreement with a full (non-chunked) ranking is checked on the first chunk-sized slice.
 
-    python benchmarks/bench_retrieval.py [--items 1000000] [--chunk-size 65536] [--dir /tmp]
+    python benchmarks/bench_retrieval.py [--items 1000000] [--chunk-size 16384] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def load(model_dir: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=1_000_000)
-    ap.add_argument("--chunk-size", type=int, default=65536)
+    ap.add_argument("--chunk-size", type=int, default=16384)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--model", default="models/cnn")
     ap.add_argument("--dir", help="parent folder of the synthetic cache (a temporary folder in it, removed after; "

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="models/cnn", help="a matching model: training output dir or MLflow URI")
     r.add_argument("--out", default="retrieval", help="directory for results.csv, summary.json, index.html")
     r.add_argument("--cache-dir", help="embedding cache (default $IMEM_CACHE_DIR or ~/.cache/imem)")
-    r.add_argument("--chunk-size", type=int, default=65536, help="collection rows scored per chunk (bounds memory)")
+    r.add_argument("--chunk-size", type=int, default=16384, help="collection rows scored per chunk (bounds memory)")
     r.add_argument("--hop", type=float, help="seconds between audio windows (default 2 s)")
     r.add_argument("--rank-by", choices=("sim", "distance"), default="distance",
                    help="squared embedding distance (default; the better top-5 on the embedded corpus) or "

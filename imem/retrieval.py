@@ -42,7 +42,7 @@ from imem.inference import LoadedModel, Predictor, list_media, media_kind
 from imem.io import atomic_path, file_sha256
 from imem.models.matching import MatchingModel
 
-DEFAULT_CHUNK = 65536
+DEFAULT_CHUNK = 16384
 SHARD_ROWS = 4096  # at most this many files embedded per shard (one shard per flush)
 
 
