@@ -117,7 +117,25 @@ TUNE = {
     },
 }
 
-SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE, "features": FEATURES, "train": TRAIN}
+EVALUATE = {
+    "split": "test",
+    "device": "cpu",
+    "relevance_threshold": 0.7,
+    "ndcg_k": 10,
+    "top_k": 10,
+    "batch_size": 4096,
+}
+
+VISUALIZE = {
+    "pca_pairs": 30,
+    "sheet_queries": 3,
+    "sheet_top": 5,
+    "sheet_ranked_by": ["sim", "emb"],
+    "dpi": 100,
+}
+
+SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE, "features": FEATURES, "train": TRAIN,
+                                      "evaluate": EVALUATE, "visualize": VISUALIZE}
 
 # Keys whose value is a free-form mapping checked by its own module (a source's loader options).
 OPEN_KEYS = {"prepare.music", "prepare.images", "train.encoders", "train.variants",
