@@ -324,9 +324,13 @@ class Tuner:
             if self.track and summary["best"] is not None:
                 import mlflow
 
-                mlflow.log_params({f"best.{k}": v for k, v in summary["best"]["params"].items()})
-                mlflow.log_metrics({"best_value": summary["best"]["value"], "n_complete": summary["complete"],
-                                    "n_pruned": summary["pruned"], "n_failed": summary["failed"]})
+                # tags, not params (params are immutable and a later, extended run of the study may find
+                # a new best), written under the lock (workers finishing together share the parent run)
+                with claim_lock(self.storage, self.url):
+                    mlflow.set_tags({f"best.{k}": str(v) for k, v in summary["best"]["params"].items()}
+                                    | {"best.trial": str(summary["best"]["number"])})
+                    mlflow.log_metrics({"best_value": summary["best"]["value"], "n_complete": summary["complete"],
+                                        "n_pruned": summary["pruned"], "n_failed": summary["failed"]})
         return summary
 
     @contextlib.contextmanager
