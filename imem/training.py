@@ -508,7 +508,7 @@ def _epoch_hook(on_epoch, row: dict, main: bool, dist: bool) -> None:
     if ddp.broadcast_flag(int(error is not None)):
         if error is not None:
             raise error
-        raise StoppedByRank0(f"variant {row.get('epoch')}: rank 0 stopped training after epoch {row['epoch']}")
+        raise StoppedByRank0(f"rank 0 stopped training after epoch {row['epoch']} (its on_epoch hook raised: a pruned trial)")
 
 
 def _tracking(cfg: dict, track: bool):
