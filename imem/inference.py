@@ -228,6 +228,30 @@ class AudioWindows:
     seconds: float  # duration of the file
 
 
+
+MAX_IMAGE_PIXELS = 1_000_000_000
+
+
+def load_user_image(path: Path, size: int) -> np.ndarray:
+    """:func:`load_image` for user files of any size. PIL refuses images over ~179 megapixels (a guard
+    against decompression bombs); every image is downscaled to size x size at once, so the guard is
+    raised to MAX_IMAGE_PIXELS (1 gigapixel, about 3 GB decoded) while it loads; larger is one error line."""
+    import warnings
+
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return load_image(path, size)
+    except Image.DecompressionBombError as exc:
+        raise ImemError(f"image file {path} is too large: {str(exc).splitlines()[0]}") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
 class Predictor:
     """Embeddings and VA for image and audio files with one loaded model (eval mode, no grad, CPU)."""
 
@@ -238,7 +262,7 @@ class Predictor:
         self.loaded, self.model, self.cfg = loaded, loaded.model, loaded.cfg
         self.image_size = int(image_size)
         self.clip_s = float(self.cfg.get("clip_seconds", 2.0))
-        self.hop = float(hop) if hop else self.clip_s
+        self.hop = float(hop) if hop is not None else self.clip_s
         if not math.isfinite(self.hop) or self.hop <= 0:
             raise ImemError(f"--hop must be a positive number of seconds, got {hop}")
         self.batch_size = int(batch_size)
@@ -282,7 +306,7 @@ class Predictor:
             batch = paths[start:start + self.batch_size]
             for p in batch:
                 _check_file(Path(p))
-            arr = np.stack([load_image(p, self.image_size) for p in batch])
+            arr = np.stack([load_user_image(p, self.image_size) for p in batch])
             f, va = self._run("image", {f"images_{self.image_size}": arr}, len(batch))
             fs.append(f)
             vas.append(va)

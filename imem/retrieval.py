@@ -148,13 +148,19 @@ class EmbeddingCache:
 
     def add(self, shas: list[str], f: torch.Tensor, va: torch.Tensor, proj: torch.Tensor, windows: list[int]) -> None:
         """One new shard holding these rows; the index points at it only once the shard file is complete."""
-        (n,) = self.db.execute("SELECT COALESCE(MAX(shard), -1) + 1 FROM items").fetchone()
+        import fcntl
+
         data = torch.cat([f.float(), va.float(), proj.float()], dim=1).numpy().astype(np.float32)
-        with atomic_path(self._shard_path(n)) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, data)
-        self.db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)",
-                            [(s, n, i, w) for i, (s, w) in enumerate(zip(shas, windows, strict=True))])
-        self.db.commit()
+        # concurrent `imem retrieve` runs on one cache: the shard number is chosen, written and indexed
+        # under an exclusive lock, so two writers never claim the same shard
+        with open(self.dir / "write.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (n,) = self.db.execute("SELECT COALESCE(MAX(shard), -1) + 1 FROM items").fetchone()
+            with atomic_path(self._shard_path(n)) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, data)
+            self.db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)",
+                                [(s, n, i, w) for i, (s, w) in enumerate(zip(shas, windows, strict=True))])
+            self.db.commit()
 
     def _shard_path(self, shard: int) -> Path:
         return self.dir / f"shard-{shard:06d}.npy"
@@ -222,7 +228,7 @@ class Collection:
             bounds = list(bounds) + [len(idx)]
             for j, s in enumerate(shard_ids):
                 rows = self.row[idx[bounds[j]:bounds[j + 1]]]
-                if rows[-1] - rows[0] + 1 == len(rows):  # a contiguous run (the usual case): one read
+                if len(rows) == 1 or np.all(np.diff(rows) == 1):  # a contiguous run (the usual case): one read
                     self.cache.read_run(int(s), int(rows[0]), out[bounds[j]:bounds[j + 1]])
                 else:
                     out[bounds[j]:bounds[j + 1]] = self.cache.shard(int(s))[rows]
@@ -237,7 +243,8 @@ class Collection:
 
 
 def space_name(side: str, predictor: Predictor) -> str:
-    return "image" if side == "image" else f"music-hop{predictor.hop:g}"
+    # inputs differ by image size (images) and by window hop (audio): each gets its own cache space
+    return f"image-{predictor.image_size}" if side == "image" else f"music-hop{predictor.hop:g}"
 
 
 def index_collection(predictor: Predictor, paths: list[Path], side: str, cache_dir: str | Path,
@@ -353,6 +360,13 @@ def retrieve(loaded: LoadedModel, query_path: str | Path, query_side: str, colle
     query_path = Path(query_path)
     if not query_path.is_file():
         raise ImemError(f"query file not found: {query_path}")
+    # argument errors before the (possibly long) embedding of the collection
+    if int(k) < 1:
+        raise ImemError(f"-k must be >= 1, got {k}")
+    if int(chunk_size) < 1:
+        raise ImemError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if rank_by not in ("sim", "distance"):
+        raise ImemError(f"--rank-by must be sim or distance, got {rank_by!r}")
     item_side = "music" if query_side == "image" else "image"
     paths = list_media(collection_dir, "image" if item_side == "image" else "audio")
     predictor = Predictor(loaded, image_size=image_size, hop=hop, progress=progress)
@@ -399,7 +413,10 @@ def write_results(results: pd.DataFrame, summary: dict, out: str | Path) -> dict
 
     out = Path(out)
     files = {"csv": out / "results.csv", "json": out / "summary.json", "html": out / "index.html"}
-    write_csv(files["csv"], results)
-    write_json(files["json"], summary)
-    write_text(files["html"], render_results(results, summary, out))
+    try:
+        write_csv(files["csv"], results)
+        write_json(files["json"], summary)
+        write_text(files["html"], render_results(results, summary, out))
+    except OSError as exc:
+        raise ImemError(f"--out {out}: cannot write the results ({exc.strerror or exc})") from exc
     return files

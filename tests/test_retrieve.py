@@ -181,13 +181,110 @@ def test_retrieve_bad_input(pipeline, collections, tmp_path, capsys):  # noqa: F
     (bad / "zz-broken.jpg").write_bytes(b"not a jpeg")
     err = _cli_error(capsys, ["retrieve", "--audio", song, "--images", str(bad), *common])
     assert "unreadable image file" in err and "zz-broken.jpg" in err
-    with pytest.raises(ImemError, match="-k must be >= 1"):
-        retrieve(load_model(pipeline / "models" / "cnn"), song, "music", collections / "images", k=0,
-                 cache_dir=tmp_path / "cache", image_size=IMAGE_SIZE, progress=False)
+    loaded = load_model(pipeline / "models" / "cnn")
+    # argument errors come before anything is embedded (the cache directory is never created)
+    for kw, msg in (({"k": 0}, "-k must be >= 1"), ({"chunk_size": 0}, "--chunk-size must be >= 1"),
+                    ({"hop": 0}, "--hop must be a positive number"), ({"rank_by": "best"}, "--rank-by must be")):
+        with pytest.raises(ImemError, match=msg):
+            retrieve(loaded, song, "music", collections / "images", cache_dir=tmp_path / "never",
+                     image_size=IMAGE_SIZE, progress=False, **kw)
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "afile").write_text("x")
+    err = _cli_error(capsys, ["retrieve", "--audio", song, "--images", str(collections / "images"), *common[:-3],
+                              "--out", str(tmp_path / "afile"), "--quiet"])
+    assert err.startswith("error: --out") and "afile" in err
+
+
+def test_duplicate_files_and_many_shards_read_the_right_rows(pipeline, collections, tmp_path,  # noqa: F811
+                                                             monkeypatch):
+    """Copies of a file share one cached row; shards of 5 rows; every chunking reads each file's own row."""
+    import imem.retrieval as r
+
+    monkeypatch.setattr(r, "SHARD_ROWS", 5)
+    loaded = load_model(pipeline / "models" / "cnn")
+    pred = Predictor(loaded, image_size=IMAGE_SIZE, progress=False)
+    src = sorted((collections / "images").iterdir())[:12]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in src:
+        shutil.copy(p, folder / p.name)
+    for p in src[:6:2]:  # three duplicates under other names
+        shutil.copy(p, folder / f"copy-{p.name}")
+    paths = sorted(folder.iterdir())
+    coll = index_collection(pred, paths, "image", tmp_path / "cache", progress=False)
+    assert coll.embedded == 12 and len(set(coll.shard.tolist())) == 3 and len(coll) == 15
+    coll.cache.close()
+    # a second collection lacks a cached file and holds a copy of another: in shard 0 its rows are
+    # [0, 0, 2, 3, 4], as many as a contiguous run would be
+    (folder / src[1].name).unlink()
+    paths = sorted(folder.iterdir())
+    coll = index_collection(pred, paths, "image", tmp_path / "cache", progress=False)
+    assert coll.embedded == 0 and len(coll) == 14
+    own = coll.vectors(np.arange(len(coll)))
+    for chunk in (1, 3, 4, 7, 100):
+        seen = np.zeros(len(coll), bool)
+        for idx, rows in coll.chunks(chunk):
+            np.testing.assert_array_equal(rows.numpy(), own[idx].numpy())
+            seen[idx] = True
+        assert seen.all()
+    f = own[:, :512]
+    queries = torch.randn(2, 512)
+    d = squared_distances(queries, f)
+    for chunk in (2, 5, 100):
+        top, _ = search(coll, queries, "music", SplitSim(loaded.model), 15, chunk_size=chunk, rank_by="distance")
+        np.testing.assert_allclose(np.take_along_axis(d.numpy(), top, axis=1), torch.sort(d, dim=1).values.numpy(),
+                                   rtol=1e-5)
+    coll.cache.close()
+
+
+def test_cache_is_per_image_size(pipeline, collections, tmp_path):  # noqa: F811
+    loaded = load_model(pipeline / "models" / "cnn")
+    paths = sorted((collections / "images").iterdir())[:4]
+    a = index_collection(Predictor(loaded, image_size=IMAGE_SIZE, progress=False), paths, "image",
+                         tmp_path / "cache", progress=False)
+    b = index_collection(Predictor(loaded, image_size=2 * IMAGE_SIZE, progress=False), paths, "image",
+                         tmp_path / "cache", progress=False)
+    assert (a.embedded, b.embedded, b.cached) == (4, 4, 0)
+    assert not torch.allclose(a.vectors(np.arange(4)), b.vectors(np.arange(4)))
+    a.cache.close()
+    b.cache.close()
 
 
 @pytest.mark.slow
-def test_top5_true_similarity_beats_random_on_the_embedded_corpus(tmp_path):
+def test_cli_on_the_embedded_corpus(tmp_path, capsys):
+    """`imem predict` and both `imem retrieve` directions on the real pipeline output (data/, models/cnn)."""
+    test = ROOT / "artifacts" / "prepare" / "test"
+    if not (ROOT / "models" / "cnn" / "best.pt").is_file() or not (test / "clips.csv").is_file():
+        pytest.fail("models/cnn or artifacts/prepare is missing: run `make repro` first")
+    clips = pd.read_csv(test / "clips.csv", dtype={"clip_id": str, "song_id": str})
+    images = pd.read_csv(test / "images.csv", dtype={"image_id": str})
+    songs = list(dict.fromkeys(clips["audio_path"]))[:3]
+    (tmp_path / "music").mkdir()
+    (tmp_path / "images").mkdir()
+    for p in songs:
+        shutil.copy(ROOT / p, tmp_path / "music" / Path(p).name)
+    for p in images["path"].iloc[:8]:
+        shutil.copy(ROOT / p, tmp_path / "images" / Path(p).name)
+    common = ["--model", str(ROOT / "models" / "cnn"), "--params", str(ROOT / "params.yaml"),
+              "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    main(["predict", str(ROOT / songs[0]), str(ROOT / images["path"].iloc[0]), "--out", str(tmp_path / "p.csv"),
+          *common[:4], "--quiet"])
+    pred = pd.read_csv(tmp_path / "p.csv")
+    assert (pred["window"] == "mean").sum() >= 1 and pred["valence"].between(0, 1).all()
+    main(["retrieve", "--audio", str(ROOT / songs[0]), "--images", str(tmp_path / "images"), "-k", "5",
+          "--out", str(tmp_path / "m2i"), *common])
+    m2i = pd.read_csv(tmp_path / "m2i" / "results.csv")
+    assert len(m2i) == 5 and m2i["embedding_distance"].is_monotonic_increasing
+    main(["retrieve", "--image", str(ROOT / images["path"].iloc[0]), "--music", str(tmp_path / "music"), "-k", "3",
+          "--out", str(tmp_path / "i2m"), *common])
+    i2m = pd.read_csv(tmp_path / "i2m" / "results.csv")
+    want = {Path(p).stem: int(sf.info(str(ROOT / p)).duration // 2) for p in songs}  # whole 2-s windows
+    assert len(i2m) == 3 and dict(zip(i2m["path"].map(lambda x: Path(x).stem), i2m["windows"], strict=True)) == want
+    assert "<audio controls" in (tmp_path / "i2m" / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_top5_true_similarity_beats_random_on_the_embedded_corpus(tmp_path, capsys):
     """The test split of the real pipeline output (CI runs `make repro` first). Each test clip is cut from
     its song's audio file into a 2-s file; music -> images: every clip queries the test images; image ->
     music: every test image queries the clips. The true S (CDCML eq. 1 on the labels) of each query's top 5
@@ -233,10 +330,11 @@ def test_top5_true_similarity_beats_random_on_the_embedded_corpus(tmp_path):
             per_query = np.take_along_axis(s, top, axis=1).mean(axis=1) - s.mean(axis=1)
             top5, rand = float(np.take_along_axis(s, top, axis=1).mean()), float(s.mean())
             margins[direction, rank_by] = top5 - rand
-            print(f"{direction}, rank by {rank_by}: mean true S of the top 5 {top5:.4f}, random top 5 {rand:.4f}, "
-                  f"margin {top5 - rand:+.4f} (s.e. over {len(per_query)} queries "
-                  f"{per_query.std(ddof=1) / np.sqrt(len(per_query)):.4f}), "
-                  f"best possible {np.sort(s, axis=1)[:, -5:].mean():.4f}")
+            with capsys.disabled():  # shown in the CI log, not only on failure
+                print(f"\n{direction}, rank by {rank_by}: mean true S of the top 5 {top5:.4f}, random top 5 "
+                      f"{rand:.4f}, margin {top5 - rand:+.4f} (s.e. over {len(per_query)} queries "
+                      f"{per_query.std(ddof=1) / np.sqrt(len(per_query)):.4f}), "
+                      f"best possible {np.sort(s, axis=1)[:, -5:].mean():.4f}")
     music.cache.close()
     imgs.cache.close()
     assert margins["music -> images", "distance"] > 0.08
