@@ -215,3 +215,22 @@ def test_mlflow_model_uri_predicts_like_the_checkpoint(pipeline, tmp_path, monke
     np.testing.assert_array_equal(a[["valence", "arousal"]], c[["valence", "arousal"]])
     with pytest.raises(ImemError, match=r"cannot load MLflow model runs:/0123abc/model"):
         load_model("runs:/0123abc/model")
+
+
+def test_large_images_load_and_only_giant_ones_are_refused(tmp_path, monkeypatch):
+    """PIL's decompression-bomb guard is lifted to imem.inference.MAX_IMAGE_PIXELS for user images (they
+    are downscaled at once); beyond it the refusal is one ImemError naming the file. Scaled down here:
+    PIL's own limit 100 px, ours 5,000 px."""
+    import imem.inference as inf
+
+    PILImage = Image
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(inf, "MAX_IMAGE_PIXELS", 5000)
+    PILImage.new("RGB", (60, 50), (200, 10, 10)).save(tmp_path / "big.png")  # 3,000 px: PIL alone refuses
+    with pytest.raises(PILImage.DecompressionBombError):
+        PILImage.open(tmp_path / "big.png").load()
+    assert inf.load_user_image(tmp_path / "big.png", 16).shape == (16, 16, 3)
+    assert PILImage.MAX_IMAGE_PIXELS == 100  # restored afterwards
+    PILImage.new("RGB", (200, 100), (0, 0, 0)).save(tmp_path / "giant.png")  # 20,000 px > 2 x 5,000
+    with pytest.raises(ImemError, match=r"giant\.png is too large"):
+        inf.load_user_image(tmp_path / "giant.png", 16)
