@@ -223,14 +223,13 @@ def test_large_images_load_and_only_giant_ones_are_refused(tmp_path, monkeypatch
     PIL's own limit 100 px, ours 5,000 px."""
     import imem.inference as inf
 
-    PILImage = Image
-    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     monkeypatch.setattr(inf, "MAX_IMAGE_PIXELS", 5000)
-    PILImage.new("RGB", (60, 50), (200, 10, 10)).save(tmp_path / "big.png")  # 3,000 px: PIL alone refuses
-    with pytest.raises(PILImage.DecompressionBombError):
-        PILImage.open(tmp_path / "big.png").load()
+    Image.new("RGB", (60, 50), (200, 10, 10)).save(tmp_path / "big.png")  # 3,000 px: PIL alone refuses
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big.png").load()
     assert inf.load_user_image(tmp_path / "big.png", 16).shape == (16, 16, 3)
-    assert PILImage.MAX_IMAGE_PIXELS == 100  # restored afterwards
-    PILImage.new("RGB", (200, 100), (0, 0, 0)).save(tmp_path / "giant.png")  # 20,000 px > 2 x 5,000
+    assert Image.MAX_IMAGE_PIXELS == 100  # restored afterwards
+    Image.new("RGB", (200, 100), (0, 0, 0)).save(tmp_path / "giant.png")  # 20,000 px > 2 x 5,000
     with pytest.raises(ImemError, match=r"giant\.png is too large"):
         inf.load_user_image(tmp_path / "giant.png", 16)
