@@ -1,27 +1,29 @@
-"""Data-parallel training under ``torchrun`` (gloo on CPU, NCCL on CUDA).
+"""Data-parallel training under ``torchrun`` with DistributedDataParallel (gloo on CPU, NCCL on CUDA).
 
 How a step is split (see :meth:`imem.training.Trainer.run_epoch`): every rank draws the same global batch
-(same seed), runs the model on its shard of it (``torch.tensor_split``: contiguous, sizes differ by at most
-one), and gathers the shards' outputs with an autograd-aware all_gather. Every rank then evaluates the
-SAME losses on the whole global batch -- the feature-ratio losses (CDCML eq. 3-6) compare every pair of
-the batch, so a per-shard loss would be a different objective. all_gather's backward sums the gradients
-of all ranks' (identical) losses into each shard, i.e. ``world * dL/d(shard)``; averaging the parameter
-gradients over ranks (:func:`all_reduce_grads`) therefore gives exactly the single-process ``dL/dtheta``.
-
-Why not ``DistributedDataParallel``: with ``fc_only`` the step calls ``model.heads(...)`` on cached
-backbone outputs, not ``model.forward``, and DDP's gradient hooks are armed by ``forward``; the losses
-also need the global batch. One flattened all_reduce of the gradients after ``backward`` is what DDP's
-reducer does, without the bucketing.
+(same seed), runs the model -- wrapped in ``torch.nn.parallel.DistributedDataParallel`` (:func:`wrap`; the
+wrapped module is the backbones, unless frozen and cached, plus ``model.heads``) -- on its shard of it
+(``torch.tensor_split``: contiguous, sizes differ by at most one), and gathers the shards' outputs with an
+autograd-aware all_gather. Every rank then evaluates the SAME losses on the whole global batch -- the
+feature-ratio losses (CDCML eq. 3-6) compare every pair of the batch, so a per-shard loss would be a
+different objective. all_gather's backward sums the gradients of all ranks' (identical) losses into each
+shard, i.e. ``world * dL/d(shard)``; DDP's reducer averages the parameter gradients over ranks during
+``backward``, which therefore gives exactly the single-process ``dL/dtheta``.
 
 What still differs from one process: BatchNorm in training mode normalises each shard with the shard's
 own statistics (SyncBatchNorm is CUDA-only), and dropout masks are drawn per rank. The running statistics
-are averaged over ranks after every step so all ranks keep identical models. Only rank 0 writes
-checkpoints and reports, logs to MLflow and reports to Optuna.
+are averaged over ranks after every step (DDP's own buffer broadcast is off) so all ranks keep identical
+models. Only rank 0 writes checkpoints and reports, logs to MLflow and reports to Optuna.
+
+The process group's collective timeout is ``$IMEM_DIST_TIMEOUT_S`` seconds (default 86400, one day):
+under ``torchrun ... imem tune`` the other ranks wait in a broadcast while rank 0 waits for other
+workers' trials, which may take hours; torch's default (10 min for gloo) would kill them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 
@@ -54,7 +56,7 @@ def session(device: torch.device | None = None) -> Iterator[bool]:
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
         started = True
     try:
         yield active()
@@ -81,17 +83,31 @@ def gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients over ranks (one flattened all_reduce); a missing gradient counts as zero."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world()
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).clone()
-        offset += n
+def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel. Its buffers are not broadcast from rank 0 before every forward
+    (:func:`average_buffers` keeps them equal); unused parameters are searched only when some parameter that
+    requires a gradient is not reachable from the outputs (a loss weight of 0)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    find_unused = bool(getattr(module, "keys", None)) and _has_unused(module)
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused)
+
+
+def _has_unused(module: torch.nn.Module) -> bool:
+    """Whether a trainable parameter of a matching model's heads feeds none of ``module.keys``."""
+    m = getattr(module, "model", None)
+    if m is None or not hasattr(m, "va_image"):
+        return False
+    feeds = {"f_image": ("image_head",), "f_music": ("music_head",), "sim": ("image_head", "music_head", "sim"),
+             "va_image": ("image_head", "va_image"), "va_music": ("music_head", "va_music")}
+    used = {name for k in module.keys for name in feeds[k]}
+    return any(p.requires_grad for name in ("image_head", "music_head", "sim", "va_image", "va_music")
+               if name not in used for p in getattr(m, name).parameters())
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("IMEM_DIST_TIMEOUT_S", 86400))
 
 
 def average_buffers(module: torch.nn.Module) -> None:

@@ -11,7 +11,8 @@ optimizer, scheduler, loss-combiner state and every RNG state), so ``resume`` co
 and ends with the same weights and metrics as an uninterrupted one (CPU; tested).
 
 Under ``torchrun --nproc-per-node N`` the ranks share every global batch (:mod:`imem.distributed`: the
-model runs on a shard, the losses on the gathered batch, gradients averaged); only rank 0 writes
+model, wrapped in DistributedDataParallel, runs on a shard, the losses on the gathered batch, DDP averages
+the gradients); only rank 0 writes
 checkpoints and reports, logs to MLflow and calls ``on_epoch``.
 """
 
@@ -196,6 +197,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.params = params
         self.dist = ddp.active()
+        self.step_module = ddp.wrap(_ShardStep(self.model, self.sides, self.fc_only, self._needed_outputs()),
+                                    self.device) if self.dist else None
         if cfg["optimizer"] == "sgd":
             self.opt = torch.optim.SGD(params, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                                        weight_decay=float(cfg["weight_decay"]))
@@ -269,19 +272,35 @@ class Trainer:
             out = self.model.heads(self._h(self.sides[0], rows[idx]))
         return {self.active[0]: mse(out["va"].float(), va[idx].to(dev))}
 
+    def _x(self, side: str, rows: torch.Tensor) -> torch.Tensor:
+        """The backbone's input (full fine-tuning) or its cached output (``fc_only``) for ``rows``."""
+        if self.fc_only:
+            return self._h(side, rows)
+        return self.fetch[side](rows).to(self.device)
+
+    def _needed_outputs(self) -> tuple[str, ...]:
+        """The outputs of ``model.heads`` that the active losses read."""
+        if self.kind != "matching":
+            return ("va",)
+        need = {"cfr": ("f_image", "f_music"), "cfm": ("f_image", "f_music"), "sfr_image": ("f_image",),
+                "sfr_music": ("f_music",), "sim": ("sim",), "va_image": ("va_image",), "va_music": ("va_music",)}
+        keys = {k for name in self.active for k in need[name]}
+        return tuple(k for k in ("f_image", "f_music", "sim", "va_image", "va_music") if k in keys)
+
     def _sharded_losses(self, d: SplitData, idx: torch.Tensor) -> dict:
-        """The global batch's losses, the model run on this rank's shard only (see imem.distributed)."""
+        """The global batch's losses, the model (DistributedDataParallel) run on this rank's shard only and
+        its outputs gathered (see imem.distributed)."""
         dev = self.device
         local, sizes = ddp.shard(idx)
         if self.kind == "matching":
             with _autocast(dev):
-                out = self.model.heads(self._h("image", d.image_rows[local]), self._h("music", d.music_rows[local]))
+                out = self.step_module(self._x("image", d.image_rows[local]), self._x("music", d.music_rows[local]))
             out = {k: ddp.gather_rows(v, sizes) for k, v in out.items()}
             batch = {"image_va": d.image_va[idx].to(dev), "music_va": d.music_va[idx].to(dev), "score": d.score[idx].to(dev)}
             return cdcml_losses(out, batch, float(self.cfg["margin"]), self.cfg["distance"] == "squared", self.active)
         rows, va = self._items(d)
         with _autocast(dev):
-            pred = ddp.gather_rows(self.model.heads(self._h(self.sides[0], rows[local]))["va"], sizes)
+            pred = ddp.gather_rows(self.step_module(self._x(self.sides[0], rows[local]))["va"], sizes)
         return {self.active[0]: mse(pred.float(), va[idx].to(dev))}
 
     def _n(self, d: SplitData) -> int:
@@ -303,9 +322,7 @@ class Trainer:
             except NonFiniteLoss as exc:
                 raise NonFiniteLoss(f"variant {self.cfg['variant']}, epoch {self.epoch + 1}: {exc}") from exc
             self.opt.zero_grad(set_to_none=True)
-            total.backward()
-            if self.dist:
-                ddp.all_reduce_grads(self.params)
+            total.backward()  # distributed: DDP's reducer averages the gradients over ranks here
             self.opt.step()
             if self.dist:
                 ddp.average_buffers(self.model)
@@ -397,6 +414,24 @@ class Trainer:
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
         torch.set_rng_state(state["torch_rng"])
         self.gen.set_state(state["generator"])
+
+
+class _ShardStep(torch.nn.Module):
+    """What DistributedDataParallel wraps: the backbones (unless frozen: ``fc_only`` feeds their cached
+    outputs) and ``model.heads`` on this rank's shard. It returns only the outputs the active losses read,
+    so DDP can tell which parameters get no gradient (a head or decoder whose loss weight is 0)."""
+
+    def __init__(self, model: torch.nn.Module, sides: tuple[str, ...], fc_only: bool, keys: tuple[str, ...]):
+        super().__init__()
+        self.model, self.sides, self.fc_only, self.keys = model, sides, fc_only, keys
+
+    def forward(self, *xs: torch.Tensor) -> dict:
+        m = self.model
+        if not self.fc_only:
+            bbs = ((m.image_backbone, m.music_backbone) if isinstance(m, MatchingModel) else (m.backbone,))
+            xs = tuple(bb(x) for bb, x in zip(bbs, xs, strict=True))
+        out = m.heads(*xs)
+        return {k: out[k] for k in self.keys}
 
 
 def _cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: torch.Tensor) -> tuple:

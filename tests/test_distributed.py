@@ -37,7 +37,8 @@ def _workspace(tiny: Path, d: Path) -> Path:
 
 @pytest.mark.slow
 def test_sharded_step_gives_the_single_process_gradient(tiny, tmp_path):
-    """The distributed step's gradient (shards, gathered outputs, averaged gradients) equals the gradient of
+    """The distributed step's gradient (shards through DistributedDataParallel, gathered outputs, DDP-averaged
+    gradients) equals the gradient of
     the whole global batch in one process when BatchNorm and dropout are deterministic (eval mode)."""
     script = tmp_path / "grad_check.py"
     script.write_text(textwrap.dedent(f"""
@@ -52,15 +53,14 @@ def test_sharded_step_gives_the_single_process_gradient(tiny, tmp_path):
                 cfg = variant_config(section("train", path={str(tiny / 'params.yaml')!r}), variant)
                 tr = Trainer(cfg, {str(tiny / 'prepare')!r}, {str(tiny / 'features')!r}, progress=False)
                 tr.build_cache()
+                assert isinstance(tr.step_module, torch.nn.parallel.DistributedDataParallel)
                 tr.model.eval()
                 idx = torch.arange(13)  # an odd batch: shards of 7 and 6
                 d = tr.data["train"]
                 def grads(shard):
                     tr.opt.zero_grad(set_to_none=True)
                     total = tr.combiner(tr._losses(d, idx, shard=shard))
-                    total.backward()
-                    if shard:
-                        ddp.all_reduce_grads(tr.params)
+                    total.backward()  # sharded: DDP's reducer averages the gradients over the ranks
                     return total.detach(), [p.grad.clone() for p in tr.params]
                 t_shard, g_shard = grads(True)
                 t_full, g_full = grads(False)
@@ -99,12 +99,23 @@ def test_sharded_step_gives_the_single_process_gradient(tiny, tmp_path):
 def test_torchrun_two_processes_match_the_single_process_run(tiny, tmp_path):
     one = _workspace(tiny, tmp_path / "one")
     two = _workspace(tiny, tmp_path / "two")
+    # rank 1 runs in a workspace of its own (same inputs, same MLflow store): anything it wrote to models/ or
+    # reports/ would land there, so "only rank 0 writes" is checked per rank
+    _workspace(tiny, tmp_path / "two_rank1")
+    per_rank = tmp_path / "per_rank_cwd.py"
+    per_rank.write_text(textwrap.dedent(f"""
+        import os, runpy, sys
+        if os.environ["RANK"] != "0":
+            os.chdir({str(tmp_path / 'two')!r} + "_rank" + os.environ["RANK"])
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    """))
     stage = str(REPO / "stages" / "train.py")
     r1 = subprocess.run([sys.executable, stage, "transformer_v2"], cwd=one, env=_env(one), capture_output=True,
                         text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = subprocess.run([*TORCHRUN, stage, "transformer_v2"], cwd=two, env=_env(two), capture_output=True, text=True,
-                        timeout=300)
+    r2 = subprocess.run([*TORCHRUN, str(per_rank), stage, "transformer_v2"], cwd=two, env=_env(two),
+                        capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     h1 = pd.read_csv(one / "reports/train/transformer_v2/history.csv")
     h2 = pd.read_csv(two / "reports/train/transformer_v2/history.csv")
@@ -123,6 +134,8 @@ def test_torchrun_two_processes_match_the_single_process_run(tiny, tmp_path):
     m2 = json.loads((two / "reports/train/transformer_v2/metrics.json").read_text())
     assert m2["finished"] and m2["val/sim_mse"] == pytest.approx(m1["val/sim_mse"], rel=0.05)
     assert (two / "models/transformer_v2/best.pt").is_file() and (two / "models/transformer_v2/last.pt").is_file()
+    rank1 = tmp_path / "two_rank1"
+    assert not (rank1 / "models").exists() and not (rank1 / "reports").exists(), sorted(map(str, rank1.rglob("*")))
     # only rank 0 logged: one MLflow run, with both epochs
     import mlflow
 
