@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--params", default="params.yaml", help="params file (sections 'tune' and 'train')")
     t.add_argument("--storage", help="Optuna storage URL (default: $OPTUNA_STORAGE, tune.storage, "
                    "sqlite:///optuna.db at the repo root; postgresql://... for workers on several machines)")
-    t.add_argument("--study-name", help="default: tune.study_name or imem-<variant>")
+    t.add_argument("--study-name", help="default: tune.study_name or imem-<variant>-<digest> (the digest covers the "
+                   "tune settings, the variant config and the data, so the same command resumes the same study)")
     t.add_argument("--n-trials", type=int, help="override tune.n_trials (COMPLETE + PRUNED trials of the study)")
     t.add_argument("--prepare", default="artifacts/prepare")
     t.add_argument("--features", default="artifacts/features")

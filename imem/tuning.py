@@ -13,14 +13,19 @@
 * Workers: run ``imem tune`` several times against one storage. Each worker claims a trial under a
   storage-wide lock (PostgreSQL advisory lock; ``flock`` on a file next to SQLite/journal files), so the
   workers finish exactly ``tune.n_trials`` COMPLETE + PRUNED trials between them. A worker records a
-  heartbeat every ``heartbeat_interval`` s; a trial without one for ``grace_period`` s (a killed worker) is
-  marked FAIL by the next worker that looks, and re-enqueued with the same parameters
-  (RetryHeartbeatStaleTrialCallback, up to ``max_retry`` times).
+  trial's first heartbeat when it claims it and then every ``heartbeat_interval`` s; a trial without one
+  for ``grace_period`` s (a killed worker) is marked FAIL by the next worker that claims, and re-enqueued
+  with the same parameters (RetryHeartbeatStaleTrialCallback, up to ``max_retry`` times), both under the
+  claim lock. A journal file has no heartbeat: a worker stops waiting for other workers' RUNNING trials
+  after ``$IMEM_TUNE_WAIT_S`` s (default 3600) without progress, with one clear error.
 * MLflow: one parent run per study (experiment ``imem-tune``; its id is kept in the study's user
   attributes so every worker nests under it) and one nested run per trial with the trial's parameters,
   per-epoch metrics, the final value and its state (tag ``optuna.state``; a pruned trial's run ends KILLED).
-  The trial keeps the run id in its user attribute ``mlflow_run_id``.
-* Output: ``reports/tune/best_params.yaml`` (the best trial as params.yaml keys and the ``dvc exp run -S``
+  The trial keeps the run id in its user attribute ``mlflow_run_id``. Workers on several machines need
+  one shared ``MLFLOW_TRACKING_URI`` (an ``mlflow server``); without it a worker that cannot find the
+  parent run warns and opens its own.
+* Output: ``reports/tune/best_params.yaml`` (the best trial as params.yaml keys, plus the settings that
+  one-value lists of ``tune.space`` fix, and the ``dvc exp run -S``
   command that promotes them; params.yaml itself is never rewritten) and ``reports/tune/trials.csv``.
 """
 
@@ -147,7 +152,9 @@ def claim_lock(storage: optuna.storages.BaseStorage, url: str) -> Iterator[None]
     else:
         raise ImemError(f"Optuna storage {_redact(url)}: workers can share only PostgreSQL, SQLite or journal "
                         "files (no claim lock for this backend)")
-    with open(f"{path}.lock", "a") as fh:
+    # not "<file>.lock": Optuna's journal backend takes that name for its own (symlink) lock, and a regular
+    # file there made every journal write wait for that lock's 30-s timeout
+    with open(f"{path}.claim-lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -180,6 +187,10 @@ class Heartbeat:
         self.stop.set()
         if self.thread is not None:
             self.thread.join()
+
+
+def _heartbeat_enabled(storage) -> bool:
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
 
 
 # --- search space -----------------------------------------------------------------------------------------
@@ -221,9 +232,22 @@ def suggest(trial: optuna.Trial, base: dict, space: dict) -> dict:
     for key in ("loss_mode", "batch_size"):
         if len(space[key]) > 1:
             cfg[key] = trial.suggest_categorical(key, list(space[key]))
-        elif len(space[key]) == 1:
-            cfg[key] = space[key][0]
+    cfg.update(fixed_settings(base, space))
     return cfg
+
+
+def fixed_settings(base: dict, space: dict) -> dict:
+    """The variant config keys a one-value list of ``tune.space`` fixes for every trial (not Optuna
+    parameters, so the best trial's ``params`` lack them; the promote command must set them too)."""
+    out: dict = {}
+    if len(space["head"]) == 1:
+        for side, c in head_choices(base, list(space["head"])).items():
+            if c != ["pool"]:
+                out[f"{side}_head"] = space["head"][0]
+    for key in ("loss_mode", "batch_size"):
+        if len(space[key]) == 1:
+            out[key] = space[key][0]
+    return out
 
 
 def make_pruner(params: dict) -> optuna.pruners.BasePruner:
@@ -293,32 +317,45 @@ class Tuner:
 
     # ----- claiming
     def claim(self) -> optuna.Trial | str | None:
-        """Under the storage lock: a waiting (retried) trial, else a new one while fewer than n_trials are
-        done, running or waiting; ``"wait"`` when only other workers' running trials are left (one of them
-        may turn stale and come back as a retry); None when the study is complete."""
+        """Under the storage lock: fail the heartbeat-stale trials (and enqueue their retries: both inside
+        the lock, so no other worker can ask a new trial between the FAIL and the retry), then a waiting
+        (retried) trial, else a new one while fewer than n_trials are done, running or waiting; ``"wait"``
+        when only other workers' running trials are left (one of them may turn stale and come back as a
+        retry); None when the study is complete. A claimed trial gets its first heartbeat at once, so it
+        goes stale even if this worker dies before the trial's heartbeat thread starts."""
         with claim_lock(self.storage, self.url):
+            optuna.storages.fail_stale_trials(self.study)
             trials = self.study.get_trials(deepcopy=False)
             n = {s: sum(t.state == s for t in trials) for s in TrialState}
             done = n[TrialState.COMPLETE] + n[TrialState.PRUNED]
             if n[TrialState.WAITING]:
-                return self.study.ask()
-            if done + n[TrialState.RUNNING] < int(self.p["n_trials"]):
+                trial = self.study.ask()
+            elif done + n[TrialState.RUNNING] < int(self.p["n_trials"]):
                 self.study.sampler = make_sampler(self.p, len(trials))
-                return self.study.ask()
-            return "wait" if n[TrialState.RUNNING] else None
+                trial = self.study.ask()
+            else:
+                return "wait" if n[TrialState.RUNNING] else None
+            if _heartbeat_enabled(self.storage):
+                self.storage.record_heartbeat(trial._trial_id)
+            return trial
 
     def run(self) -> dict:
         """Work on the study until it is complete; then write nothing (see :func:`write_best`)."""
         with self._parent_run():
             poll = max(0.5, min(5.0, float(self.p["heartbeat_interval"]) / 2))
+            waiting_since, waiting_on = None, None
             while True:
-                optuna.storages.fail_stale_trials(self.study)
                 trial = self.claim()
                 if trial is None:
                     break
                 if trial == "wait":
+                    self._check_wait(waiting_on, waiting_since)
+                    running = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+                    if running != waiting_on:  # progress: another worker's trial ended or began
+                        waiting_since, waiting_on = time.monotonic(), running
                     time.sleep(poll)
                     continue
+                waiting_since, waiting_on = None, None
                 self._run_trial(trial)
             summary = self.summary()
             if self.track and summary["best"] is not None:
@@ -333,6 +370,19 @@ class Tuner:
                                         "n_pruned": summary["pruned"], "n_failed": summary["failed"]})
         return summary
 
+    def _check_wait(self, waiting_on: set | None, since: float | None) -> None:
+        """Without heartbeats (journal storage) a dead worker's trial stays RUNNING for ever: stop waiting
+        for other workers' trials after ``$IMEM_TUNE_WAIT_S`` seconds (default 3600) without progress."""
+        if _heartbeat_enabled(self.storage) or since is None:
+            return
+        limit = float(os.environ.get("IMEM_TUNE_WAIT_S", 3600))
+        if time.monotonic() - since > limit:
+            raise ImemError(
+                f"study {self.study_name}: waited {limit:.0f} s for trial(s) {sorted(waiting_on or ())} of other "
+                "workers, still RUNNING; journal storage has no heartbeat, so a killed worker's trial never ends: "
+                "if its worker is dead, mark it failed (optuna.load_study(...).tell(<number>, state=TrialState.FAIL)) "
+                "and re-run; use SQLite/PostgreSQL for workers that may die (raise $IMEM_TUNE_WAIT_S for long trials)")
+
     @contextlib.contextmanager
     def _parent_run(self):
         if not self.track:
@@ -342,21 +392,50 @@ class Tuner:
 
         from imem.tracking import mlflow_run, tracking_uri
 
-        with contextlib.ExitStack() as stack:
-            with claim_lock(self.storage, self.url):
-                parent = self.study.user_attrs.get("mlflow_parent_run_id")
-                if parent is None:
-                    params = {"study": self.study_name, "storage": _redact(self.url),
-                              **{f"tune.{k}": v for k, v in self.p.items() if k not in ("storage", "study_name")}}
-                    run = stack.enter_context(mlflow_run(EXPERIMENT, self.study_name, params,
-                                                         tags={"optuna.study": self.study_name}))
-                    self.study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-            if parent is not None:
-                mlflow.set_tracking_uri(tracking_uri())
-                mlflow.set_experiment(EXPERIMENT)
-                stack.enter_context(mlflow.start_run(run_id=parent))
-            yield
-        return
+        run_id = None
+        try:
+            with contextlib.ExitStack() as stack:
+                with claim_lock(self.storage, self.url):
+                    parent = self.study.user_attrs.get("mlflow_parent_run_id")
+                    if parent is None:
+                        params = {"study": self.study_name, "storage": _redact(self.url),
+                                  **{f"tune.{k}": v for k, v in self.p.items() if k not in ("storage", "study_name")}}
+                        run = stack.enter_context(mlflow_run(EXPERIMENT, self.study_name, params,
+                                                             tags={"optuna.study": self.study_name}))
+                        self.study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+                if parent is not None:
+                    mlflow.set_tracking_uri(tracking_uri())
+                    mlflow.set_experiment(EXPERIMENT)
+                    try:
+                        stack.enter_context(mlflow.start_run(run_id=parent))
+                    except mlflow.exceptions.MlflowException as exc:
+                        # another tracking store (a worker on another machine without the shared
+                        # MLFLOW_TRACKING_URI): this worker's trials get a parent run of their own there
+                        warnings.warn(f"MLflow parent run {parent} of study {self.study_name} is not in the tracking "
+                                      f"store {tracking_uri()} ({str(exc).splitlines()[0]}): opening a new parent "
+                                      "run; share one MLFLOW_TRACKING_URI (an `mlflow server`) between the workers",
+                                      stacklevel=2)
+                        stack.enter_context(mlflow_run(EXPERIMENT, self.study_name,
+                                                       {"study": self.study_name, "storage": _redact(self.url)},
+                                                       tags={"optuna.study": self.study_name}))
+                run_id = mlflow.active_run().info.run_id
+                yield  # leaving the stack ends the parent run: FINISHED, or FAILED on an error
+        finally:
+            if run_id is not None:
+                self._reopen_parent_if_busy(run_id)
+
+    def _reopen_parent_if_busy(self, run_id: str) -> None:
+        """The parent run is shared: while other workers' trials are RUNNING/WAITING or the study is not
+        complete, the leaving worker puts it back to RUNNING; the last worker's exit ends it."""
+        import mlflow
+
+        from imem.tracking import tracking_uri
+
+        with contextlib.suppress(Exception), claim_lock(self.storage, self.url):  # never hide this worker's error
+            trials = self.study.get_trials(deepcopy=False)
+            busy = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+            if busy or sum(t.state in DONE for t in trials) < int(self.p["n_trials"]):
+                mlflow.tracking.MlflowClient(tracking_uri()).update_run(run_id, status="RUNNING")
 
     # ----- one trial
     def _run_trial(self, trial: optuna.Trial) -> None:
@@ -478,6 +557,8 @@ def best_params_doc(tuner: Tuner, params_file: str | Path = "params.yaml") -> di
                     keys[f"train.variants.{v}.{side}_head"] = value
         else:
             keys[f"train.variants.{v}.{name}"] = value
+    for name, value in fixed_settings(tuner.base, tuner.p["space"]).items():  # one-value lists: every trial's
+        keys.setdefault(f"train.variants.{v}.{name}", value)
     existing = _flat(yaml.safe_load(Path(params_file).read_text()) or {}) if Path(params_file).is_file() else {}
     # dvc exp run -S: "key=value" modifies a key params.yaml has, "+key=value" adds one it lacks
     sets = [f"'{'' if k in existing else '+'}{k}={_yaml_scalar(val)}'" for k, val in keys.items()]

@@ -239,14 +239,17 @@ def _worker(tiny: Path, storage: str, n: int, env: dict) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.skipif(pg_bindir() is None, reason="PostgreSQL binaries absent (.ci/run installs Debian's postgresql)")
 def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_trial(tiny, tmp_path):
+    """Three workers start together; one is SIGKILLed in the middle of a trial while the others are working.
+    The survivors fail its trial once its heartbeat is stale, retry it, and finish exactly n trials."""
     n = 4
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1"}
     env.pop("OPTUNA_STORAGE", None)
     with postgres_server() as url:
-        victim = _worker(tiny, url, n, env)
-        # wait until the victim is inside a trial (at least one epoch reported), then SIGKILL it
+        workers = [_worker(tiny, url, n, env) for _ in range(3)]
+        by_name = {f"{os.uname().nodename}:{w.pid}": w for w in workers}
         storage = optuna.storages.RDBStorage(url)
-        killed = None
+        killed = victim = None
         deadline = time.time() + 120
         while killed is None and time.time() < deadline:
             try:
@@ -254,16 +257,20 @@ def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_tri
             except KeyError:
                 time.sleep(0.2)
                 continue
-            running = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.RUNNING and t.intermediate_values]
-            if running:
+            trials = st.get_trials(deepcopy=False)
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
+                       and t.user_attrs.get("worker") in by_name]
+            # kill only while another worker is busy too (a trial RUNNING, or the study not started by all)
+            if running and sum(t.state == TrialState.RUNNING for t in trials) >= 2:
+                victim = by_name[running[0].user_attrs["worker"]]
                 os.kill(victim.pid, signal.SIGKILL)
                 killed = running[0].number
             time.sleep(0.05)
+        assert killed is not None, "no two trials ran at the same time"
         victim.wait(30)
-        assert killed is not None, victim.stdout.read()
-        workers = [_worker(tiny, url, n, env) for _ in range(2)]
-        outs = [w.communicate(timeout=300)[0] for w in workers]
-        assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outs)
+        survivors = [w for w in workers if w is not victim]
+        outs = [w.communicate(timeout=300)[0] for w in survivors]
+        assert [w.returncode for w in survivors] == [0, 0], "\n".join(o[-2000:] for o in outs)
         trials = optuna.load_study(study_name="pg", storage=storage).get_trials()
         storage.engine.dispose()
     states = [t.state for t in trials]
@@ -273,6 +280,120 @@ def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_tri
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retried) == 1 and retried[0].system_attrs["retry_history"] == [killed]
     assert retried[0].params == trials[killed].params and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    new_workers = {f"{os.uname().nodename}:{w.pid}" for w in workers}
-    assert retried[0].user_attrs["worker"] in new_workers
-    assert {t.user_attrs["worker"] for t in trials if t.number > killed} <= new_workers
+    alive = {f"{os.uname().nodename}:{w.pid}" for w in survivors}
+    assert retried[0].user_attrs["worker"] in alive
+    assert {t.user_attrs["worker"] for t in trials if t.number > killed} <= alive
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work was shared
+
+
+def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch):
+    """The median pruner itself (not a NaN loss) stops a trial whose epoch-1 value is worse than the median
+    of the earlier trials: training is replaced by a stub whose val/sim is the trial's lr at every epoch."""
+    import imem.tuning as tuning
+
+    def fake_train(cfg, prepare_dir, features_dir, model_dir, report_dir, on_epoch=None, **kw):
+        for epoch in (1, 2, 3):
+            on_epoch({"epoch": epoch, "val/total": cfg["lr"], "val/sim": cfg["lr"]})
+        return {"best_epoch": 3}
+
+    monkeypatch.setattr(tuning, "train_variant", fake_train)
+    p = {**section("tune", path=tiny / "params.yaml"), "n_trials": 3, "pruner": "median", "pruner_startup_trials": 1,
+         "pruner_warmup_epochs": 0}
+    tuner = Tuner(p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features",
+                  storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="median", track=False, progress=False)
+    for lr in (0.01, 0.5, 0.001):
+        tuner.study.enqueue_trial({"lr": lr, "head": "cls", "margin": 0.5, "loss_mode": "sum", "batch_size": 16})
+    tuner.run()
+    trials = tuner.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert "pruned_reason" not in trials[1].user_attrs and list(trials[1].intermediate_values) == [1]
+
+
+def test_fixed_settings_are_applied_and_promoted(tiny, tmp_path, monkeypatch):
+    """One-value lists of tune.space are no Optuna parameters but every trial uses them: the promote
+    command must set them as well."""
+    import imem.tuning as tuning
+
+    seen = []
+
+    def fake_train(cfg, prepare_dir, features_dir, model_dir, report_dir, on_epoch=None, **kw):
+        seen.append(cfg)
+        on_epoch({"epoch": 1, "val/total": cfg["lr"], "val/sim": cfg["lr"]})
+        return {"best_epoch": 1}
+
+    monkeypatch.setattr(tuning, "train_variant", fake_train)
+    p = section("tune", path=tiny / "params.yaml")
+    p = {**p, "n_trials": 2, "space": {**p["space"], "head": ["mean"], "loss_mode": ["first_batch"],
+                                       "batch_size": [32]}}
+    tuner = Tuner(p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features",
+                  storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="fixed", track=False, progress=False)
+    tuner.run()
+    assert all(c["image_head"] == "mean" and c["loss_mode"] == "first_batch" and c["batch_size"] == 32 for c in seen)
+    doc = tuning.best_params_doc(tuner, tiny / "params.yaml")
+    v = "train.variants.mixed"
+    assert doc["params"][f"{v}.image_head"] == "mean" and f"{v}.music_head" not in doc["params"]
+    assert doc["params"][f"{v}.loss_mode"] == "first_batch" and doc["params"][f"{v}.batch_size"] == 32
+    assert f"{v}.loss_mode=first_batch'" in doc["promote"] and f"{v}.batch_size=32'" in doc["promote"]
+
+
+def test_a_claimed_trial_goes_stale_without_a_heartbeat_thread_and_is_retried(tiny, tmp_path):
+    """claim() records the first heartbeat: a worker that dies right after claiming leaves a trial that the
+    next claim (under the lock) fails and re-enqueues; the retry is the next trial claimed, not a new one."""
+    p = {**section("tune", path=tiny / "params.yaml"), "n_trials": 1, "heartbeat_interval": 1, "grace_period": 1}
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    args = (p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features")
+    dead = Tuner(*args, storage=storage, study_name="stale", track=False, progress=False)
+    first = dead.claim()
+    assert isinstance(first, optuna.Trial)
+    time.sleep(2.5)
+    other = Tuner(*args, storage=storage, study_name="stale", track=False, progress=False)
+    retry = other.claim()
+    assert isinstance(retry, optuna.Trial) and retry.number == 1
+    trials = other.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING]
+    assert trials[1].system_attrs["failed_trial"] == 0
+
+
+def test_journal_worker_stops_waiting_for_a_dead_workers_trial(tiny, tmp_path, monkeypatch):
+    """A journal file has no heartbeat: a worker left only with another worker's RUNNING trial gives up with
+    one clear error after $IMEM_TUNE_WAIT_S seconds instead of waiting for ever."""
+    monkeypatch.setenv("IMEM_TUNE_WAIT_S", "1")
+    p = {**section("tune", path=tiny / "params.yaml"), "n_trials": 1, "heartbeat_interval": 1}
+    args = (p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features")
+    journal = str(tmp_path / "study.journal")
+    Tuner(*args, storage=journal, study_name="j", track=False, progress=False).claim()  # its worker "dies"
+    t0 = time.monotonic()
+    with pytest.raises(ImemError, match=r"waited 1 s for trial\(s\) \[0\] of other workers, still RUNNING; journal"):
+        Tuner(*args, storage=journal, study_name="j", track=False, progress=False).run()
+    assert time.monotonic() - t0 < 10
+
+
+def test_missing_parent_run_opens_a_new_one_and_a_busy_study_keeps_it_running(tiny, tmp_path, monkeypatch):
+    """A worker whose tracking store lacks the study's parent run (another machine without the shared
+    MLFLOW_TRACKING_URI) warns and opens its own; a worker leaving while another trial runs puts the shared
+    parent run back to RUNNING, the last one leaves it FINISHED."""
+    import mlflow
+
+    import imem.tuning as tuning
+
+    def fake_train(cfg, prepare_dir, features_dir, model_dir, report_dir, on_epoch=None, **kw):
+        on_epoch({"epoch": 1, "val/total": cfg["lr"], "val/sim": cfg["lr"]})
+        return {"best_epoch": 1}
+
+    monkeypatch.setattr(tuning, "train_variant", fake_train)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    p = {**section("tune", path=tiny / "params.yaml"), "n_trials": 1}
+    args = (p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features")
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    tuner = Tuner(*args, storage=storage, study_name="par", progress=False)
+    tuner.study.set_user_attr("mlflow_parent_run_id", "0" * 32)
+    with pytest.warns(UserWarning, match="is not in the tracking store"):
+        tuner.run()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["imem-tune"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 2 and parents[0].info.status == "FINISHED"
+    busy = Tuner(*args, storage=storage, study_name="par", n_trials=2, progress=False)
+    assert isinstance(busy.claim(), optuna.Trial)  # another worker's trial is RUNNING
+    tuner._reopen_parent_if_busy(parents[0].info.run_id)
+    assert mlflow.get_run(parents[0].info.run_id).info.status == "RUNNING"
