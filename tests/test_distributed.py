@@ -49,8 +49,9 @@ def test_sharded_step_gives_the_single_process_gradient(tiny, tmp_path):
         with ddp.session():
             assert ddp.active() and ddp.world() == 2
             out = {{}}
-            for variant in ("mixed", "cnn"):
+            for variant, fc_only in (("mixed", True), ("cnn", True), ("mixed", False)):  # False: backbones in DDP
                 cfg = variant_config(section("train", path={str(tiny / 'params.yaml')!r}), variant)
+                cfg["fc_only"] = fc_only
                 tr = Trainer(cfg, {str(tiny / 'prepare')!r}, {str(tiny / 'features')!r}, progress=False)
                 tr.build_cache()
                 assert isinstance(tr.step_module, torch.nn.parallel.DistributedDataParallel)
@@ -66,7 +67,7 @@ def test_sharded_step_gives_the_single_process_gradient(tiny, tmp_path):
                 t_full, g_full = grads(False)
                 num = max(float((a - b).abs().max()) for a, b in zip(g_shard, g_full))
                 den = max(float(b.abs().max()) for b in g_full)
-                out[variant] = {{"loss_diff": float((t_shard - t_full).abs()), "grad_rel": num / den}}
+                out[f"{{variant}}-fc_only={{fc_only}}"] = {{"loss_diff": float((t_shard - t_full).abs()), "grad_rel": num / den}}
             # a hook that raises on rank 0 (a pruned trial) stops every rank at the same epoch
             from imem.training import StoppedByRank0, _epoch_hook
             def prune(row):
