@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from imem.checkpoints import read_checkpoint
 from imem.data.pairs import similarity_matrix
 from imem.errors import ImemError
 from imem.io import atomic_dir, file_sha256, write_csv, write_json, write_text
@@ -49,12 +50,7 @@ def load_checkpoints(model_dir: Path) -> dict[str, dict]:
         path = model_dir / f"{name}.pt"
         if not path.is_file():
             raise ImemError(f"{path}: no checkpoint (run the train stage for this variant)")
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ImemError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-            raise ImemError(f"{path}: not an imem checkpoint (no 'model'/'config')")
+        ck = read_checkpoint(path)
         out[name] = {"model": ck["model"], "config": ck["config"], "epoch": int(ck["epoch"]), "sha256": file_sha256(path)}
     return out
 

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from imem.checkpoints import read_checkpoint
 from imem.errors import ImemError
 from imem.features.store import FeatureStore, cut_clip, load_image, read_audio, resample, to_int16
 from imem.models.matching import MatchingModel, build_model
@@ -122,12 +123,7 @@ def _local_weights(cfg: dict) -> dict:
 
 
 def _from_checkpoint(path: Path, source: str) -> LoadedModel:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ImemError(f"unreadable model checkpoint {path}: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise ImemError(f"{path} is not an imem checkpoint (expected a dict with 'model' and 'config')")
+    ck = read_checkpoint(path)
     cfg = ck["config"]
     model = build_model(_local_weights(cfg))
     try:

@@ -134,3 +134,21 @@ def write_small_corpus(root: Path, seed: int = 0, n_songs: int = 6) -> dict:
                                          for _ in range(1 + i % 2)] for i in range(12)}
     write_emotic(root / "EMOTIC", emo, rng)
     return {"songs": songs, "deam": deam, "iaps": iaps, "naps": naps, "emotic": emo}
+
+
+def prepared_pipeline(tmp: Path, n_songs: int = 3, split: dict | None = None, image_size: int = 32) -> Path:
+    """A small corpus under ``tmp/corpus``, prepared to ``tmp/prepare`` (reports in ``tmp/rep``) and its
+    feature store in ``tmp/features``: the starting point of the training, tuning, evaluation and
+    inference tests."""
+    from imem.data.prepare import prepare, write_outputs
+    from imem.features.store import build_store
+    from imem.params import section
+
+    write_small_corpus(tmp / "corpus", n_songs=n_songs)
+    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
+    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
+    p["split"] = split or {"train": 0.6, "val": 0.2, "test": 0.2}
+    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
+    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": image_size}}),
+                progress=False)
+    return tmp

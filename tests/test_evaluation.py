@@ -9,12 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from corpus_fixtures import write_small_corpus
+from corpus_fixtures import prepared_pipeline
 from imem.data.pairs import similarity
-from imem.data.prepare import prepare, write_outputs
 from imem.errors import ImemError
 from imem.evaluation import evaluate_variant, summarize
-from imem.features.store import build_store
 from imem.metrics import retrieval
 from imem.params import section
 from imem.plots import visualize_variant
@@ -45,12 +43,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-    write_small_corpus(tmp / "corpus", n_songs=4)
-    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
-    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
-    p["split"] = {"train": 0.5, "val": 0.25, "test": 0.25}
-    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
-    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": 32}}), progress=False)
+    prepared_pipeline(tmp, n_songs=4, split={"train": 0.5, "val": 0.25, "test": 0.25})
     for v in VARIANTS:  # only cnn is tracked (MLflow logging is what takes time here)
         track = v == "cnn"
         train_variant(_cfg(v), tmp / "prepare", tmp / "features", tmp / "models" / v, tmp / "train" / v,

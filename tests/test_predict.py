@@ -10,11 +10,10 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from corpus_fixtures import write_small_corpus
+from corpus_fixtures import prepared_pipeline
 from imem.cli import main
-from imem.data.prepare import prepare, write_outputs
 from imem.errors import ImemError
-from imem.features.store import FeatureStore, build_store
+from imem.features.store import FeatureStore
 from imem.inference import Predictor, load_model, predict
 from imem.params import section
 from imem.training import Inputs, train_variant, variant_config
@@ -36,13 +35,7 @@ def tiny_cfg(variant: str) -> dict:
 
 def build_pipeline(tmp: Path) -> Path:
     """A tiny corpus, prepared, its feature store (32-px images) and two trained variants under ``tmp``."""
-    write_small_corpus(tmp / "corpus", n_songs=3)
-    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
-    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
-    p["split"] = {"train": 0.6, "val": 0.2, "test": 0.2}
-    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
-    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": IMAGE_SIZE}}),
-                progress=False)
+    prepared_pipeline(tmp, image_size=IMAGE_SIZE)
     for v in VARIANTS:
         train_variant(tiny_cfg(v), tmp / "prepare", tmp / "features", tmp / "models" / v, tmp / "reports" / v,
                       track=False, progress=False)

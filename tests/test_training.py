@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from corpus_fixtures import write_small_corpus
-from imem.data.prepare import prepare, write_outputs
+from corpus_fixtures import prepared_pipeline
 from imem.errors import ImemError
-from imem.features.store import build_store
 from imem.losses import NonFiniteLoss
 from imem.models.encoders import Head, ResNetBackbone, ViTBackbone, build_backbone
 from imem.params import section
@@ -41,12 +39,7 @@ def _cfg(variant, **common):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    write_small_corpus(tmp / "corpus", n_songs=3)
-    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
-    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
-    p["split"] = {"train": 0.6, "val": 0.2, "test": 0.2}
-    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
-    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": 32}}), progress=False)
+    prepared_pipeline(tmp)
     return tmp
 
 

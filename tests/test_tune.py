@@ -19,10 +19,8 @@ import yaml
 from optuna.trial import TrialState
 from pg import pg_bindir, postgres_server
 
-from corpus_fixtures import write_small_corpus
-from imem.data.prepare import prepare, write_outputs
+from corpus_fixtures import prepared_pipeline
 from imem.errors import ImemError
-from imem.features.store import build_store
 from imem.params import section
 from imem.tuning import Tuner, make_sampler, run_tune, suggest
 
@@ -50,12 +48,7 @@ TINY_TUNE = {"variant": "mixed", "n_trials": 5, "epochs": 3, "seed": 3, "sampler
 
 def tiny_pipeline(tmp: Path) -> Path:
     """prepare + features of a 3-song corpus, and a params.yaml with tiny encoders and a short study."""
-    write_small_corpus(tmp / "corpus", n_songs=3)
-    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
-    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
-    p["split"] = {"train": 0.6, "val": 0.2, "test": 0.2}
-    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
-    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": 32}}), progress=False)
+    prepared_pipeline(tmp)
     (tmp / "params.yaml").write_text(yaml.safe_dump({"train": TINY_TRAIN, "tune": TINY_TUNE}))
     return tmp
 
