@@ -315,12 +315,13 @@ def _track(variant: str, best_sha: str, cfg: dict, metrics: dict, reg: pd.DataFr
 def summarize(eval_dirs: list[str | Path], out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One regression table and one retrieval table across variants (CDCML table 3 layout: a row per
     model, a column per metric), from the variants' ``metrics.json``; blank where a metric does not apply."""
-    reg_rows, ret_rows, ref = [], [], None
+    reg_rows, ret_rows, ref, mean_row = [], [], None, {}
     for d in map(Path, eval_dirs):
         path = d / "metrics.json"
         if not path.is_file():
             raise ImemError(f"{path}: missing (run evaluate for this variant)")
         m = json.loads(path.read_text())
+        mean_row.update(m["mean_predictor"])  # the same training-set means; each variant adds its columns
         for name in CHECKPOINTS:
             reg_rows.append({"model": f"{m['variant']} ({name}, epoch {m[f'{name}_epoch']})",
                              **{k: v for k, v in m[name].items() if k.endswith(("_mse", "_mae"))}})
@@ -332,9 +333,7 @@ def summarize(eval_dirs: list[str | Path], out_dir: str | Path) -> tuple[pd.Data
                                             if c.startswith(f"{short}_{scorer}_")}})
         if "random_ranking" in m and ref is None:  # the same split and truth for every matching variant
             ref = m
-    means = [json.loads((Path(d) / "metrics.json").read_text())["mean_predictor"] for d in eval_dirs]
-    merged = {k: v for mp in means for k, v in mp.items()}
-    reg_rows.append({"model": "mean predictor (training-set means)", **merged})
+    reg_rows.append({"model": "mean predictor (training-set means)", **mean_row})
     if ref is not None:
         for direction, short in DIRECTIONS.items():
             ret_rows.append({"direction": direction, "model": "random ranking", "ranked by": "chance (exact expectation)",
