@@ -193,7 +193,9 @@ def evaluate_variant(model_dir: str | Path, prepare_dir: str | Path, features_di
 
     metrics: dict = {"variant": variant, "split": split, "corpus": CORPUS_LABEL, "sigma": sigma,
                      "relevance_threshold": thr, "best_epoch": cks["best"]["epoch"], "last_epoch": cks["last"]["epoch"],
-                     "best_sha256": cks["best"]["sha256"]}
+                     "best_sha256": cks["best"]["sha256"],
+                     # a loss weighted 0 leaves its decoder untrained: the comparison blanks its metrics
+                     "loss_weights": {k: float(v) for k, v in cfg["loss_weights"].items()}}
     reg_rows, ret_rows = [], []
     for name in ("best", "last", "untrained", "mean_predictor"):
         row = regression_row(preds[name], true)

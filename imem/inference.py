@@ -310,10 +310,14 @@ class Predictor:
 
     # audio
     def _music_type(self) -> str:
+        """``resnet`` for encoders fed the handcrafted matrix (ResNet, ACP-Net's statistics), ``beats`` for
+        encoders fed the 16-kHz waveform (BEATs, L3-Net's log-mel)."""
         t = self.cfg["music_encoder"]["type"]
-        if t not in ("resnet", "beats"):
-            raise ImemError(f"model {self.loaded.name}: music encoder type {t!r} takes no audio (resnet or beats)")
-        return t
+        family = {"resnet": "resnet", "handcrafted_stats": "resnet", "beats": "beats", "l3": "beats"}
+        if t not in family:
+            raise ImemError(f"model {self.loaded.name}: music encoder type {t!r} takes no audio "
+                            f"(one of: {', '.join(family)})")
+        return family[t]
 
     def window_starts(self, seconds: float) -> np.ndarray:
         if seconds < self.clip_s:

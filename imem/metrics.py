@@ -87,7 +87,8 @@ def random_ranking(truth: np.ndarray, threshold: float, k_ndcg: int = 10,
     out[f"ndcg{k_ndcg}"] = float(np.mean(t.mean(axis=1) * disc.sum() / idcg)) if len(t) else math.nan
     out["spearman"] = 0.0
     for k in ks:  # P(at least one of r relevant among the first k of n) = 1 - C(n-r, k) / C(n, k)
-        out[f"r{k}"] = float(np.mean([1 - math.comb(n - ri, k) / math.comb(n, k) for ri in r])) if len(r) else math.nan
+        kk = min(k, n)  # fewer candidates than k: all of them are in the top k
+        out[f"r{k}"] = float(np.mean([1 - math.comb(n - ri, kk) / math.comb(n, kk) for ri in r])) if len(r) else math.nan
     # P(first relevant at rank j) = C(n-j, r-1) / C(n, r)
     mrr = [sum(math.comb(n - j, ri - 1) / j for j in range(1, n - ri + 2)) / math.comb(n, ri) for ri in r]
     out["mrr"] = float(np.mean(mrr)) if len(r) else math.nan

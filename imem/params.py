@@ -134,12 +134,19 @@ VISUALIZE = {
     "dpi": 100,
 }
 
+# The field's other methods (issue 7; stage method@<name>): ``common`` here, each method's own section is
+# checked against the DEFAULTS of its module (imem/methods/<name>.py).
+METHODS = {
+    "common": {"seed": 1, "device": "cpu", "image_encoder": "resnet50", "music_encoder": "resnet18"},
+    "mmva": {}, "emo_clim": {}, "cmer_cl": {}, "sp_net": {},
+}
+
 SCHEMAS: dict[str, dict[str, Any]] = {"synth": SYNTH, "prepare": PREPARE, "features": FEATURES, "train": TRAIN,
-                                      "evaluate": EVALUATE, "visualize": VISUALIZE}
+                                      "evaluate": EVALUATE, "visualize": VISUALIZE, "methods": METHODS}
 
 # Keys whose value is a free-form mapping checked by its own module (a source's loader options).
 OPEN_KEYS = {"prepare.music", "prepare.images", "train.encoders", "train.variants",
-             "train.common.loss_weights"}
+             "train.common.loss_weights", "methods.mmva", "methods.emo_clim", "methods.cmer_cl", "methods.sp_net"}
 SCHEMAS["tune"] = TUNE
 
 
@@ -152,8 +159,13 @@ def params_path() -> Path:
     return Path("params.yaml")
 
 
-def _merge(defaults: Any, given: Any, where: str) -> Any:
-    if where in OPEN_KEYS or not isinstance(defaults, dict):
+def merge(defaults: Any, given: Any, where: str) -> Any:
+    """``given`` merged over ``defaults``; an unknown key raises ImemError naming ``where.<key>``."""
+    return _merge(defaults, given, where, open_keys=False)
+
+
+def _merge(defaults: Any, given: Any, where: str, open_keys: bool = True) -> Any:
+    if (open_keys and where in OPEN_KEYS) or not isinstance(defaults, dict):
         return copy.deepcopy(given)
     if not isinstance(given, dict):
         raise ImemError(f"params: '{where}' must be a mapping, got {type(given).__name__}")
@@ -164,7 +176,7 @@ def _merge(defaults: Any, given: Any, where: str) -> Any:
         )
     out = copy.deepcopy(defaults)
     for key, value in given.items():
-        out[key] = _merge(defaults[key], value, f"{where}.{key}")
+        out[key] = _merge(defaults[key], value, f"{where}.{key}", open_keys)
     return out
 
 

@@ -116,11 +116,18 @@ def load_split(prepare_dir: Path, store: FeatureStore, split: str) -> SplitData:
 
 
 class Inputs:
-    """Model inputs from the feature store for an encoder spec (ResNet/ViT images, ResNet handcrafted, BEATs fbank)."""
+    """Model inputs from the feature store for an encoder spec (ResNet/ViT/L3 images; handcrafted matrix for
+    ResNet and ACP statistics, BEATs fbank, L3 log-mel)."""
 
     def __init__(self, store: FeatureStore, spec: dict, side: str):
-        self.store, self.side, self.type = store, side, spec["type"]
-        self.image_size = int(spec.get("image_size", 224)) if self.type == "vit" else None
+        self.store, self.side, self.type, self.spec = store, side, spec["type"], spec
+        self.image_size = (int(spec.get("image_size", 224 if self.type == "vit" else 48))
+                           if self.type in ("vit", "l3") else None)
+        if self.type == "l3" and spec.get("modality", "vision") != ("vision" if side == "image" else "audio"):
+            raise ImemError(f"params: the l3 encoder {spec.get('name', '')!r} has modality {spec.get('modality')!r}, "
+                            f"which cannot take {side} input")
+        if self.type == "handcrafted_stats" and side != "music":
+            raise ImemError("params: a handcrafted_stats encoder takes music input only")
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.numpy()
@@ -132,9 +139,14 @@ class Inputs:
             return x
         if self.type == "beats":
             return beats_fbank(self.store.waveform(rows, 16000))
-        if self.type == "resnet":
-            return self.store.handcrafted(rows)
-        raise ImemError(f"params: a {self.type} encoder cannot take music input (use resnet or beats)")
+        if self.type in ("resnet", "handcrafted_stats"):
+            return self.store.handcrafted(rows, tile=self.type == "resnet")
+        if self.type == "l3":
+            from imem.models.encoders import l3_log_mel
+
+            return l3_log_mel(self.store.waveform(rows, 16000), int(self.spec.get("n_mels", 64)),
+                              float(self.spec.get("hop_ms", 20.0)))
+        raise ImemError(f"params: a {self.type} encoder cannot take music input (use resnet, beats, l3 or handcrafted_stats)")
 
 
 @torch.no_grad()
@@ -227,16 +239,18 @@ class Trainer:
 
     def build_cache(self, splits: tuple[str, ...] = SPLITS, memo: dict | None = None) -> float:
         """Frozen-backbone outputs for every row the given splits use; returns the seconds it took.
-        ``memo``: a dict kept by the caller across trainers (tuning trials): an entry is reused when the
-        backbone's weights, its input spec, the feature store and the rows are the same (content hashes)."""
+        ``memo``: a dict kept by the caller across trainers (tuning trials), or the on-disk
+        :class:`imem.features.frozen.BackboneMemo` (train stages, methods): an entry is reused when the
+        backbone's weights, its input spec, the feature store and the rows are the same (:func:`cache_key`)."""
         t0 = time.perf_counter()
         data = [self.data[s] for s in splits]
         for side in self.sides:
             rows = torch.cat([getattr(d, f"{side}_rows") if self.kind == "matching" else self._items(d)[0]
                               for d in data] + [getattr(d, f"items_{side}")[0] for d in data])
-            key = _cache_key(self.backbones[side], self.cfg[f"{side}_encoder"], self.store, rows) if memo is not None else None
-            if key is not None and key in memo:
-                self.cache[side] = memo[key]
+            key = cache_key(self.backbones[side], self.cfg[f"{side}_encoder"], self.store, rows) if memo is not None else None
+            hit = memo.get(key) if key is not None else None
+            if hit is not None:
+                self.cache[side] = hit
                 continue
             self.cache[side] = backbone_cache(self.backbones[side], self.fetch[side], rows, int(self.cfg["cache_batch_size"]),
                                               self.device, f"{self.cfg['variant']}: {side} backbone cache", self.progress)
@@ -434,7 +448,9 @@ class _ShardStep(torch.nn.Module):
         return {k: out[k] for k in self.keys}
 
 
-def _cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: torch.Tensor) -> tuple:
+def cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: torch.Tensor) -> tuple:
+    """What a frozen backbone's cached outputs depend on: its weights, its input spec, the feature store
+    (path and manifest), the rows and the torch version (:class:`imem.features.frozen.BackboneMemo`)."""
     import hashlib
     import json
 
@@ -444,7 +460,14 @@ def _cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     rows_digest = hashlib.sha256(torch.unique(rows).numpy().tobytes()).hexdigest()
     return (h.hexdigest(), json.dumps(spec, sort_keys=True), str(store.dir.resolve()),
-            json.dumps(store.manifest, sort_keys=True), rows_digest)
+            json.dumps(store.manifest, sort_keys=True), rows_digest, torch.__version__, _module_device(backbone))
+
+
+def _module_device(m: torch.nn.Module) -> str:
+    """``cpu`` or ``cuda`` (bf16 autocast there: different outputs, so a different cache entry)."""
+    for t in list(m.parameters()) + list(m.buffers()):
+        return t.device.type
+    return "cpu"
 
 
 def save(obj: dict, path: Path) -> None:

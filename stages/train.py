@@ -3,6 +3,7 @@
 import argparse
 
 from imem.cli import run_stage
+from imem.features.frozen import default_memo
 from imem.params import section
 from imem.training import train_variant, variant_config
 
@@ -14,7 +15,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = variant_config(section("train"), args.variant)
     train_variant(cfg, "artifacts/prepare", "artifacts/features", f"models/{args.variant}",
-                  f"reports/train/{args.variant}", resume=args.resume)
+                  f"reports/train/{args.variant}", resume=args.resume,
+                  cache_memo=default_memo())
 
 
 if __name__ == "__main__":

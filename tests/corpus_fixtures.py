@@ -152,3 +152,25 @@ def prepared_pipeline(tmp: Path, n_songs: int = 3, split: dict | None = None, im
     build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": image_size}}),
                 progress=False)
     return tmp
+
+
+def synth_pipeline(tmp: Path, n_songs: int = 6, image_size: int = 32, seed: int = 5) -> Path:
+    """Like :func:`prepared_pipeline`, but the corpus is a small embedded (generated) one from ``imem synth``,
+    which also ships clip captions and image/music emotion classes (MMVA, Emo-CLIM, CMER-CL tests).
+    Layout: ``tmp/corpus``, ``tmp/prepare``, ``tmp/rep/stats.json``, ``tmp/features``."""
+    from imem.data.prepare import prepare, write_outputs
+    from imem.data.synth import synthesize
+    from imem.features.store import build_store
+    from imem.params import section
+
+    sp = section("synth", {"synth": {"seed": seed, "n_songs": n_songs, "n_long_songs": 1, "long_song_seconds": [50, 50],
+                                     "n_iaps": 16, "n_naps": 10, "n_emotic": 10, "image_width": 48, "image_height": 36,
+                                     "sample_rate": 22050}})
+    synthesize(sp, tmp / "corpus", progress=False)
+    p = section("prepare", {"prepare": {"corpus_root": str(tmp / "corpus")}})
+    p["pairs"].update(top=3, bottom=3, random=4, keep_fraction=0.6)
+    p["split"] = {"train": 0.6, "val": 0.2, "test": 0.2}
+    write_outputs(prepare(p, progress=False), tmp / "prepare", tmp / "rep")
+    build_store(tmp / "prepare", tmp / "features", section("features", {"features": {"image_size": image_size}}),
+                progress=False)
+    return tmp

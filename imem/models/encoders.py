@@ -29,7 +29,7 @@ from torch import nn
 
 from imem.errors import ImemError
 
-INPUT_KINDS = {"resnet": None, "vit": "image", "beats": "fbank"}
+INPUT_KINDS = {"resnet": None, "vit": "image", "beats": "fbank", "l3": None, "handcrafted_stats": "handcrafted"}
 
 
 def _load_state(module: nn.Module, state: dict, where: str) -> None:
@@ -153,6 +153,65 @@ class BEATsBackbone(nn.Module):
         return self.beats(fbank)[0]
 
 
+class L3Subnetwork(nn.Module):
+    """A subnetwork of L3-Net (Arandjelovic & Zisserman, ICCV 2017, fig. 2), trained from scratch: 4 blocks of
+    [conv3x3-BN-ReLU] x 2 + 2x2 max-pool with ``width`` x (1, 2, 4, 8) channels, then a global max-pool.
+    ``modality: vision`` takes (B, 3, H, W) images (resized to ``image_size``); ``audio`` takes (B, 1, F, T)
+    log-mel spectrograms (:func:`l3_log_mel`). The paper uses width 64, 224-px frames and 257 x 199
+    log-spectrograms; the defaults here are smaller so that end-to-end training fits 2 CPU cores."""
+
+    def __init__(self, modality: str = "vision", width: int = 8, image_size: int = 48, n_mels: int = 64,
+                 hop_ms: float = 20.0):
+        super().__init__()
+        if modality not in ("vision", "audio"):
+            raise ImemError(f"params: l3 encoder modality {modality!r} is not one of: vision, audio")
+        if int(width) < 1:
+            raise ImemError(f"params: l3 encoder width must be >= 1, got {width}")
+        self.modality, self.image_size, self.n_mels, self.hop_ms = modality, int(image_size), int(n_mels), float(hop_ms)
+        layers: list[nn.Module] = []
+        prev = 3 if modality == "vision" else 1
+        for mult in (1, 2, 4, 8):
+            ch = int(width) * mult
+            for _ in range(2):
+                layers += [nn.Conv2d(prev, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
+                prev = ch
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        self.net = nn.Sequential(*layers)
+        self.out_dim = prev
+        self.has_cls = False
+        self.seq_len = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(self.net(x), dim=(2, 3))
+
+
+def l3_log_mel(waves_16k: torch.Tensor, n_mels: int = 64, hop_ms: float = 20.0) -> torch.Tensor:
+    """(n, samples) 16-kHz audio -> (n, 1, n_mels, frames) log-mel spectrogram (L3-Net's audio input;
+    torchaudio's MelSpectrogram, 40-ms windows, log(x + 1e-6))."""
+    import torchaudio
+
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=16000, n_fft=640, win_length=640,
+                                               hop_length=int(round(16000 * hop_ms / 1000)), n_mels=int(n_mels))
+    return torch.log(mel(waves_16k) + 1e-6).unsqueeze(1)
+
+
+class HandcraftedStats(nn.Module):
+    """ACP-Net's audio features (Verma et al., ICASSP 2019): the handcrafted clip matrix (MFCC, chroma,
+    spectral contrast, tonnetz, mel; 193 rows x frames) summarised by its mean and standard deviation over
+    time -> 386 values. No parameters: the FC layers after it learn everything."""
+
+    def __init__(self, rows: int = 193):
+        super().__init__()
+        self.out_dim = 2 * int(rows)
+        self.has_cls = False
+        self.seq_len = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # the (n, 3, 193, T) tiled CNN input: one channel is the matrix
+            x = x[:, 0]
+        return torch.cat([x.mean(dim=-1), x.std(dim=-1, unbiased=False)], dim=1)
+
+
 def build_backbone(spec: dict, clip_seconds: float = 2.0) -> nn.Module:
     spec = dict(spec)
     spec.pop("name", None)  # the encoder's name under train.encoders, kept in configs for tracking
@@ -163,7 +222,14 @@ def build_backbone(spec: dict, clip_seconds: float = 2.0) -> nn.Module:
         return ViTBackbone(**spec)
     if kind == "beats":
         return BEATsBackbone(clip_seconds=clip_seconds, **spec)
-    raise ImemError(f"params: encoder type {kind!r} is not one of: resnet, vit, beats")
+    if kind == "l3":
+        unknown = sorted(set(spec) - {"modality", "width", "image_size", "n_mels", "hop_ms"})
+        if unknown:
+            raise ImemError(f"params: unknown key {unknown[0]!r} for an l3 encoder")
+        return L3Subnetwork(**spec)
+    if kind == "handcrafted_stats":
+        return HandcraftedStats(**_no_more(spec, kind))
+    raise ImemError(f"params: encoder type {kind!r} is not one of: resnet, vit, beats, l3, handcrafted_stats")
 
 
 def _no_more(spec: dict, kind: str) -> dict:

@@ -1,0 +1,208 @@
+"""CDCML's baselines (issue 7): ACP-Net's handcrafted statistics, L3-Net's subnetworks, SP-Net, the
+ablation rows as loss-weight overrides, the on-disk frozen-backbone memo, and the comparison table."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from corpus_fixtures import prepared_pipeline
+from imem.comparison import MEAN_ROW, collect, markdown, variant_row
+from imem.errors import ImemError
+from imem.features.frozen import BackboneMemo
+from imem.methods.base import CHANCE_ROW, MethodResult, check_result
+from imem.methods.sp_net import sp_net
+from imem.models.encoders import HandcraftedStats, L3Subnetwork, build_backbone, l3_log_mel
+from imem.params import section
+from imem.training import Trainer, cache_key, train_variant, variant_config
+
+EVAL = {"split": "test", "relevance_threshold": 0.7, "ndcg_k": 10}
+
+
+def test_handcrafted_stats_are_mean_and_std_over_time():
+    x = torch.tensor([[[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 4.0, 0.0]]])  # (1, 2 rows, 4 frames)
+    out = HandcraftedStats(rows=2)(x)
+    # row 0: mean 3, population std sqrt((4 + 1 + 0 + 9) / 4); row 1: mean 1, std sqrt((1 + 1 + 9 + 1) / 4)
+    assert torch.allclose(out, torch.tensor([[3.0, 1.0, math.sqrt(14 / 4), math.sqrt(12 / 4)]]))
+    tiled = x.unsqueeze(1).expand(-1, 3, -1, -1)  # the (n, 3, rows, T) CNN layout gives the same values
+    assert torch.equal(HandcraftedStats(rows=2)(tiled), out)
+    assert build_backbone({"type": "handcrafted_stats"}).out_dim == 386
+
+
+def test_l3_subnetworks_shapes_and_global_max_pool():
+    torch.manual_seed(0)
+    vis = L3Subnetwork("vision", width=4, image_size=48)
+    assert vis(torch.randn(2, 3, 48, 48)).shape == (2, 32)
+    mel = l3_log_mel(torch.randn(3, 32000) * 0.1)
+    assert mel.shape == (3, 1, 64, 101)  # 2 s at 16 kHz, 20-ms hop (centred frames)
+    aud = L3Subnetwork("audio", width=4)
+    h = aud.net(mel)
+    assert torch.equal(aud(mel), h.amax(dim=(2, 3)))
+    with pytest.raises(ImemError, match="modality"):
+        L3Subnetwork("video")
+    with pytest.raises(ImemError, match="unknown key 'depth'"):
+        build_backbone({"type": "l3", "depth": 3})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return prepared_pipeline(tmp_path_factory.mktemp("baselines"), n_songs=3)
+
+
+def _cfg(variant: str, **over) -> dict:
+    cfg = variant_config(section("train"), variant)
+    cfg.update({"epochs": 2, "batch_size": 16, "cache_batch_size": 8, **over})
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["acp_net", "l3_net"])
+def test_baseline_variants_train_and_learn(tiny, tmp_path, variant):
+    """ACP-Net (frozen image CNN + statistics) and L3-Net (both subnetworks trained from scratch) train
+    through the same Trainer: finite decreasing similarity loss, only the sim + VA losses, checkpoints."""
+    cfg = _cfg(variant, epochs=3, lr=0.01 if variant == "acp_net" else 0.003)
+    if variant == "l3_net":
+        cfg["image_encoder"]["width"] = cfg["music_encoder"]["width"] = 4
+    rep = train_variant(cfg, tiny / "prepare", tiny / "features", tmp_path / "m", tmp_path / "r", track=False,
+                        progress=False)
+    hist = pd.read_csv(tmp_path / "r" / "history.csv")
+    assert {"train/sim", "train/va_image", "train/va_music"} <= set(hist.columns)
+    assert not {"train/cfr", "train/cfm", "train/sfr_image"} & set(hist.columns)
+    assert np.isfinite(hist.filter(like="train/").to_numpy()).all()
+    assert hist["train/sim"].iloc[-1] < hist["train/sim"].iloc[0]
+    assert (tmp_path / "m" / "best.pt").is_file() and rep["finished"]
+    if variant == "l3_net":  # trained end to end: the backbones' weights moved
+        t = Trainer(cfg, tiny / "prepare", tiny / "features", progress=False)
+        best = torch.load(tmp_path / "m" / "best.pt", weights_only=False)["model"]
+        k = "image_backbone.net.0.weight"
+        assert not torch.equal(t.model.state_dict()[k], best[k])
+
+
+def test_ablation_rows_are_loss_weight_overrides():
+    t = section("train")
+    want = {"cdcml_sim": {"sim"}, "cdcml_sim_va": {"sim", "va_image", "va_music"},
+            "cdcml_sim_va_cfr": {"sim", "va_image", "va_music", "cfr"},
+            "cdcml_sim_va_cfr_cfm": {"sim", "va_image", "va_music", "cfr", "cfm"}}
+    for v, active in want.items():
+        w = variant_config(t, v)["loss_weights"]
+        assert {k for k, x in w.items() if x != 0} == active, v
+    assert all(x == 1.0 for x in variant_config(t, "cnn")["loss_weights"].values())
+    assert variant_config(t, "cnn_thesis")["loss_mode"] == "first_batch"
+
+
+def test_backbone_memo_hits_misses_and_survives_a_corrupt_entry(tiny, tmp_path):
+    cfg = _cfg("unimodal_music")
+    memo = BackboneMemo(tmp_path / "memo")
+    a = Trainer(cfg, tiny / "prepare", tiny / "features", progress=False)
+    a.build_cache(memo=memo)
+    assert (memo.hits, memo.misses) == (0, 1) and len(list((tmp_path / "memo").glob("*.pt"))) == 1
+    b = Trainer(cfg, tiny / "prepare", tiny / "features", progress=False)
+    b.build_cache(memo=memo)
+    assert memo.hits == 1
+    assert torch.equal(a.cache["music"][0], b.cache["music"][0]) and a.cache["music"][1] == b.cache["music"][1]
+    # other weights (another seed) -> another key
+    c = Trainer(dict(cfg, seed=2), tiny / "prepare", tiny / "features", progress=False)
+    rows = torch.cat([c.data[s].items_music[0] for s in ("train", "val", "test")])
+    assert cache_key(c.backbones["music"], cfg["music_encoder"], c.store, rows) != \
+        cache_key(b.backbones["music"], cfg["music_encoder"], b.store, rows)
+    # a truncated entry is a miss, recomputed (and rewritten), not a crash
+    entry = next((tmp_path / "memo").glob("*.pt"))
+    entry.write_bytes(b"broken")
+    d = Trainer(cfg, tiny / "prepare", tiny / "features", progress=False)
+    d.build_cache(memo=memo)
+    assert torch.allclose(d.cache["music"][0], a.cache["music"][0])
+    assert memo.get(cache_key(d.backbones["music"], cfg["music_encoder"], d.store, rows)) is not None  # rewritten
+
+
+def _sp_reports(tmp: Path, sigma: float = 0.5) -> Path:
+    """Hand-made evaluate outputs of the two unimodal variants and a prepared test split."""
+    img = pd.DataFrame({"id": ["a", "b"], "valence": [0.9, 0.1], "arousal": [0.8, 0.2],
+                        "valence_best": [0.7, 0.3], "arousal_best": [0.6, 0.3]})
+    mus = pd.DataFrame({"id": ["x-1", "y-1"], "valence": [0.8, 0.2], "arousal": [0.9, 0.1],
+                        "valence_best": [0.7, 0.2], "arousal_best": [0.5, 0.3]})
+    for v, side, df in (("unimodal_image", "image", img), ("unimodal_music", "music", mus)):
+        (tmp / "ev" / v / "predictions").mkdir(parents=True)
+        df.to_csv(tmp / "ev" / v / "predictions" / f"{side}_va.csv", index=False)
+        (tmp / "ev" / v / "metrics.json").write_text(json.dumps({"split": "test"}))
+    (tmp / "prep" / "test").mkdir(parents=True)
+    pd.DataFrame({"clip_id": ["x-1", "y-1", "x-1"], "image_id": ["a", "a", "b"], "score": [0.9, 0.2, 0.1]}).to_csv(
+        tmp / "prep" / "test" / "pairs.csv", index=False)
+    (tmp / "stats.json").write_text(json.dumps({"sigma": sigma}))
+    return tmp
+
+
+def test_sp_net_similarity_is_exp_of_predicted_va_distance(tmp_path):
+    t = _sp_reports(tmp_path)
+    res = sp_net({"image_variant": "unimodal_image", "music_variant": "unimodal_music", "checkpoint": "best"},
+                 t / "ev", t / "prep", t / "stats.json", EVAL)
+    check_result("sp_net", res)
+    # pairs: (x-1, a): d = |(0.7,0.5)-(0.7,0.6)| = 0.1; (y-1, a): |(0.2,0.3)-(0.7,0.6)| = sqrt(0.34); (x-1, b): |(0.7,0.5)-(0.3,0.3)| = sqrt(0.2)
+    s_hat = np.exp(-np.array([0.1, math.sqrt(0.34), math.sqrt(0.2)]) / 0.5)
+    row = res.rows["SP-Net"]
+    assert row["sim_mse"] == pytest.approx(np.mean((s_hat - [0.9, 0.2, 0.1]) ** 2))
+    assert row["sim_mae"] == pytest.approx(np.mean(np.abs(s_hat - [0.9, 0.2, 0.1])))
+    assert row["image_valence_mse"] == pytest.approx(np.mean(([0.7, 0.3] - np.array([0.9, 0.1])) ** 2))
+    assert row["music_arousal_mae"] == pytest.approx(np.mean(np.abs([0.5 - 0.9, 0.3 - 0.1])))
+    assert "m2i_sim_mrr" in row and not any("_emb_" in c for c in row)
+    assert set(res.rows[CHANCE_ROW]) == {c for c in row if "_sim_" in c}
+    # two images per clip query: a relevant one is always within the top 5 (fewer candidates than k)
+    assert res.rows[CHANCE_ROW]["m2i_sim_r5"] == 1.0
+
+
+def test_sp_net_refuses_a_split_mismatch_and_missing_predictions(tmp_path):
+    t = _sp_reports(tmp_path)
+    cfg = {"image_variant": "unimodal_image", "music_variant": "unimodal_music", "checkpoint": "best"}
+    with pytest.raises(ImemError, match="split 'test'"):
+        sp_net(cfg, t / "ev", t / "prep", t / "stats.json", dict(EVAL, split="val"))
+    (t / "ev" / "unimodal_music" / "predictions" / "music_va.csv").unlink()
+    with pytest.raises(ImemError, match="music_va.csv: no music predictions"):
+        sp_net(cfg, t / "ev", t / "prep", t / "stats.json", EVAL)
+
+
+def _eval_metrics(weights: dict, sim_mse: float, mean_sim: float = 0.05) -> dict:
+    best = {"sim_mse": sim_mse, "image_valence_mse": 0.02, "music_valence_mse": 0.03, "m2i_sim_mrr": 0.3,
+            "m2i_emb_mrr": 0.4, "m2i_sim_spearman": 0.5}
+    return {"split": "test", "relevance_threshold": 0.7, "loss_weights": weights, "best": best,
+            "mean_predictor": {"sim_mse": mean_sim, "image_valence_mse": 0.08},
+            "random_ranking": {"m2i_mrr": 0.2, "m2i_queries": 10}}
+
+
+def test_comparison_rows_blanks_and_references(tmp_path):
+    ones = dict.fromkeys(("cfr", "cfm", "sfr_image", "sfr_music", "sim", "va_image", "va_music"), 1.0)
+    sim_only = {**dict.fromkeys(ones, 0.0), "sim": 1.0}
+    assert "image_valence_mse" not in variant_row(_eval_metrics(sim_only, 0.04))  # untrained VA decoder: blank
+    assert "m2i_sim_spearman" not in variant_row(_eval_metrics(ones, 0.04))  # not a comparison column
+    for v, w, s in (("cnn", ones, 0.04), ("cdcml_sim", sim_only, 0.045)):
+        (tmp_path / "ev" / v).mkdir(parents=True)
+        (tmp_path / "ev" / v / "metrics.json").write_text(json.dumps(_eval_metrics(w, s)))
+    (tmp_path / "me" / "emo").mkdir(parents=True)
+    (tmp_path / "me" / "emo" / "metrics.json").write_text(json.dumps({
+        "split": "test", "relevance_threshold": 0.7, "label": "Emo-CLIM",
+        "rows": {"Emo-CLIM": {"cls_i2m_p1": 0.5, "m2i_emb_mrr": 0.35}, CHANCE_ROW: {"cls_i2m_p1": 0.25}}}))
+    df, info = collect(["cnn", "cdcml_sim"], ["emo"], tmp_path / "ev", tmp_path / "me")
+    by = df.set_index("row")
+    assert list(df["row"])[-2:] == [MEAN_ROW, CHANCE_ROW]
+    assert by.loc[CHANCE_ROW, "m2i_sim_mrr"] == 0.2 and by.loc[CHANCE_ROW, "m2i_emb_mrr"] == 0.2
+    assert by.loc[CHANCE_ROW, "cls_i2m_p1"] == 0.25
+    assert by.loc[MEAN_ROW, "sim_mse"] == 0.05
+    assert pd.isna(by.loc["CDCML ablation: Sim", "image_valence_mse"])
+    assert pd.isna(by.loc["Emo-CLIM", "sim_mse"]) and by.loc["Emo-CLIM", "cls_i2m_p1"] == 0.5
+    md = markdown(df, info, "t")
+    assert "embedded (generated) corpus" in md and "**0.0400**" in md  # the lower sim MSE is the best
+    assert "Emotion-class retrieval" in md and "CDCML ablation (table 4 layout" in md
+    # reference rows from two sources must agree
+    bad = _eval_metrics(sim_only, 0.045, mean_sim=0.07)
+    (tmp_path / "ev" / "cdcml_sim" / "metrics.json").write_text(json.dumps(bad))
+    with pytest.raises(ImemError, match="disagrees"):
+        collect(["cnn", "cdcml_sim"], [], tmp_path / "ev", tmp_path / "me")
+
+
+def test_method_results_must_use_comparison_columns():
+    with pytest.raises(ImemError, match="'m2i_recall' is not a comparison column"):
+        check_result("x", MethodResult(rows={"X": {"m2i_recall": 0.1}}, history=[], state={}))
+    with pytest.raises(ImemError, match="not a finite number"):
+        check_result("x", MethodResult(rows={"X": {"sim_mse": float("nan")}}, history=[], state={}))
