@@ -1,0 +1,241 @@
+"""Emo-CLIM (imem.methods.emo_clim): the SupCon loss, the per-class retrieval metrics and their chance
+level against hand-worked values and brute force, the settings checks, and a short training run."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from imem.data.synth import IMAGE_TO_MUSIC_EMOTION
+from imem.errors import ImemError
+from imem.methods import emo_clim
+from imem.methods.base import CHANCE_ROW, COLUMNS
+from imem.methods.emo_clim import chance_mrr, class_chance, class_retrieval, settings, supcon
+
+
+def loop_supcon(za, ya, zc, yc, t, intra):
+    """Khosla et al.'s L_out written out with plain loops (self excluded when intra)."""
+    per_anchor = []
+    for i, (a, y) in enumerate(zip(za, ya, strict=True)):
+        others = [j for j in range(len(zc)) if not (intra and j == i)]
+        pos = [j for j in others if yc[j] == y]
+        if not pos:
+            continue
+        dot = {j: sum(u * v for u, v in zip(a, zc[j], strict=True)) / t for j in others}
+        denom = sum(math.exp(dot[j]) for j in others)
+        per_anchor.append(-sum(math.log(math.exp(dot[p]) / denom) for p in pos) / len(pos))
+    return sum(per_anchor) / len(per_anchor)
+
+
+def unit(*angles_deg):
+    return [(math.cos(math.radians(a)), math.sin(math.radians(a))) for a in angles_deg]
+
+
+def T(x, dtype=torch.float64):
+    return torch.tensor(x, dtype=dtype)
+
+
+def test_supcon_one_anchor_by_hand():
+    # anchor (1,0) vs candidates (1,0), (0,1), (-1,0); t = 0.5 -> logits 2, 0, -2; the one positive is the first:
+    # -log(e^2 / (e^2 + 1 + e^-2)) = log(1 + e^-2 + e^-4) = 0.142932...
+    loss = supcon(T([[1.0, 0.0]]), T([0]), T([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), T([0, 1, 1]), 0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2) + math.exp(-4)), abs=1e-12)
+    assert loss.item() == pytest.approx(0.142932, abs=1e-6)
+
+
+def test_supcon_cross_modal_matches_loops_and_skips_anchors_without_positive():
+    za, ya = unit(0, 90, 53.13, 200), [0, 1, 0, 2]  # class 2 has no candidate: skipped
+    zc, yc = unit(10, 100, 180, 300), [0, 1, 1, 0]
+    got = supcon(T(za), T(ya), T(zc), T(yc), 0.07).item()
+    assert got == pytest.approx(loop_supcon(za, ya, zc, yc, 0.07, intra=False), rel=1e-10)
+    # the same value without the skipped anchor
+    assert got == pytest.approx(supcon(T(za[:3]), T(ya[:3]), T(zc), T(yc), 0.07).item(), rel=1e-12)
+    # no anchor with a positive: 0, and a finite gradient
+    z = T(za[3:]).requires_grad_(True)
+    loss = supcon(z, T([2]), T(zc), T(yc), 0.07)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
+
+
+def test_supcon_intra_modal_excludes_self():
+    # two anchors of one class: each one's only other candidate is its positive -> exactly 0 (with the anchor
+    # itself in A(i) and P(i) it would not be)
+    assert supcon(T(unit(0, 70)), T([3, 3]), temperature=0.07).item() == pytest.approx(0.0, abs=1e-12)
+    za, ya = unit(0, 40, 95, 180, 260), [0, 0, 1, 1, 2]  # the class-2 anchor has no positive: skipped
+    z = T(za).requires_grad_(True)
+    loss = supcon(z, T(ya), temperature=0.2)
+    assert loss.item() == pytest.approx(loop_supcon(za, ya, za, ya, 0.2, intra=True), rel=1e-10)
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_supcon_intra_modal_without_any_positive_is_a_finite_zero():
+    # every anchor alone in its class: the diagonal's finfo.min must not turn the 0 into NaN (-inf * 0)
+    for dtype in (torch.float32, torch.float64):
+        z = T(unit(0, 70, 200), dtype).requires_grad_(True)
+        loss = supcon(z, T([0, 1, 2], torch.long), temperature=0.07)
+        assert torch.isfinite(loss) and loss.item() == 0.0
+        loss.backward()
+        assert torch.isfinite(z.grad).all() and not z.grad.any()
+    # inside the four-term total: finite, and the other terms still train
+    zi, zm = T(unit(0, 90), torch.float32).requires_grad_(True), T(unit(10, 100), torch.float32).requires_grad_(True)
+    terms = emo_clim.emo_clim_losses(zi, T([0, 1], torch.long), zm, T([0, 1], torch.long), 0.07)
+    assert terms["i2i"].item() == 0.0 and terms["m2m"].item() == 0.0
+    total = emo_clim.weighted_total(terms, settings({})["loss_weights"])
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(zi.grad).all() and zi.grad.abs().sum() > 0
+
+
+def test_balanced_batch_draws_classes_uniformly_then_items():
+    # skewed toy labels: class 0 has 90 items, class 4 has 9, class 7 has 1 (codes need not be contiguous)
+    labels = torch.tensor([0] * 90 + [4] * 9 + [7])
+    draws = [emo_clim.balanced_batch(labels, 64, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])  # reproducible for a seed
+    g = torch.Generator().manual_seed(3)
+    batches = [emo_clim.balanced_batch(labels, 64, g) for _ in range(300)]
+    assert torch.equal(batches[0], draws[0]) and not torch.equal(batches[0], batches[1])  # new draw each step
+    idx = torch.cat(batches)
+    assert idx.dtype == torch.long and int(idx.min()) >= 0 and int(idx.max()) < len(labels)
+    freq = torch.bincount(labels[idx], minlength=8).double() / len(idx)
+    # 19,200 draws: each class 1/3 (binomial sd 0.0034), far from the item frequencies 0.90 / 0.09 / 0.01
+    assert freq[[0, 4, 7]].tolist() == pytest.approx([1 / 3] * 3, abs=0.02)
+    assert freq.sum().item() == pytest.approx(1.0)
+    # within a class every item is drawn, about equally often (class 4: 9 items, ~711 draws each 1/9)
+    within = torch.bincount(idx[labels[idx] == 4] - 90, minlength=9).double()
+    assert (within > 0).all() and (within / within.sum() - 1 / 9).abs().max() < 0.04
+    assert (idx == 99).sum() > 0.3 * len(idx)  # the lone class-7 item comes back with replacement
+    assert not torch.equal(emo_clim.balanced_batch(labels, 64, torch.Generator().manual_seed(4)), draws[0])
+
+
+def test_weighted_total_uses_the_weights():
+    terms = {"i2i": T(1.0), "m2m": T(2.0), "i2m": T(3.0), "m2i": T(4.0)}
+    assert emo_clim.weighted_total(terms, settings({})["loss_weights"]).item() == pytest.approx(2.5)
+    w = {"i2i": 0.0, "m2m": 0.0, "i2m": 1.0, "m2i": 0.5}
+    assert emo_clim.weighted_total(terms, w).item() == pytest.approx(5.0)
+
+
+def test_class_retrieval_averages_per_class_then_across_classes():
+    cand = np.array([0, 1, 0, 1])
+    query = np.array([0, 0, 1, 2])  # class 2 has no candidate: skipped
+    scores = np.array([[0.9, 0.1, 0.2, 0.3],   # ranks c0 c3 c2 c1 -> relevant 1 0 1 0: P@1 1, P@2 1/2, RR 1
+                       [0.5, 0.9, 0.1, 0.2],   # c1 c0 c3 c2 -> 0 1 0 1: P@1 0, P@2 1/2, RR 1/2
+                       [0.9, 0.1, 0.8, 0.7],   # c0 c2 c3 c1 -> 0 0 1 1: P@1 0, P@2 0, RR 1/3
+                       [0.1, 0.2, 0.3, 0.4]])
+    m, skipped = class_retrieval(scores, query, cand, ks=(1, 2))
+    # class 0: P@1 1/2, P@2 1/2, MRR 3/4; class 1: 0, 0, 1/3 -> across classes (micro would give MRR 0.611)
+    assert skipped == 1
+    assert m == pytest.approx({"p1": 0.25, "p2": 0.25, "mrr": (0.75 + 1 / 3) / 2}, abs=1e-12)
+    assert class_retrieval(scores[3:], query[3:], cand) == ({}, 1)  # no query left: no columns
+    assert class_chance(query[3:], cand) == {}
+
+
+@pytest.mark.parametrize("n,r", [(1, 1), (5, 1), (5, 2), (6, 3), (6, 6), (7, 2), (7, 4)])
+def test_chance_mrr_closed_form_matches_brute_force(n, r):
+    ranks = [1 / (1 + min(perm.index(j) for j in range(r))) for perm in itertools.permutations(range(n))]
+    assert chance_mrr(n, r) == pytest.approx(float(np.mean(ranks)), abs=1e-12)
+
+
+def test_chance_mrr_large_n_is_finite():
+    assert chance_mrr(20000, 1) == pytest.approx(sum(1 / j for j in range(1, 20001)) / 20000, rel=1e-9)
+    assert chance_mrr(20000, 20000) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_class_chance_is_the_mean_over_all_rankings():
+    query, cand = np.array([0, 0, 1, 2, 1]), np.array([0, 1, 0, 1, 1])
+    ks = (1, 5, 7)  # k = 7 > 5 candidates: P@7 = hits / 7
+    runs = [class_retrieval(np.tile(np.array(p, float), (len(query), 1)), query, cand, ks)[0]
+            for p in itertools.permutations(range(len(cand)))]
+    brute = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    assert class_chance(query, cand, ks) == pytest.approx(brute, abs=1e-12)
+    assert class_chance(query, cand)["p1"] == pytest.approx((2 / 5 + 3 / 5) / 2)
+
+
+def test_class_codes_map_the_image_taxonomy_and_drop_the_rest():
+    img = pd.DataFrame({"emotion": ["fear", "awe", "excitement", None]})
+    mus = pd.DataFrame({"emotion": ["scary", "tender", "exciting"]})
+    c = emo_clim.CLASSES
+    assert emo_clim.class_codes(img, "image", "test").tolist() == [c.index("scary"), -1, c.index("exciting"), -1]
+    assert emo_clim.class_codes(mus, "music", "test").tolist() == [c.index("scary"), -1, c.index("exciting")]
+    with pytest.raises(ImemError, match="emotion"):
+        emo_clim.class_codes(pd.DataFrame({"x": [1]}), "music", "val")
+
+
+def test_settings_fill_defaults_and_refuse_bad_values():
+    assert settings({"seed": 1}) == emo_clim.DEFAULTS
+    assert settings({"loss_weights": {"i2m": 1.0}})["loss_weights"] == {"i2i": 0.25, "m2m": 0.25, "i2m": 1.0, "m2i": 0.25}
+    for bad, key in (({"temperature": 0}, "temperature"), ({"dropout": 1.0}, "dropout"), ({"epochs": 0}, "epochs"),
+                     ({"batch_size": 1}, "batch_size"), ({"lr": -1e-3}, "lr"), ({"loss_weights": {"x2y": 1}}, "x2y"),
+                     ({"loss_weights": {"i2i": 0, "m2m": 0, "i2m": 0, "m2i": 0}}, "loss_weights"),
+                     ({"loss_weights": {"m2i": -1}}, "loss_weights.m2i"), ({"standardize": "yes"}, "standardize"),
+                     ({"cpu_threads": -1}, "cpu_threads"), ({"cpu_threads": True}, "cpu_threads"),
+                     ({"lr": math.nan}, "lr"), ({"lr": True}, "lr")):
+        with pytest.raises(ImemError, match=rf"methods\.emo_clim.*{key}") as e:
+            settings(bad)
+        assert "\n" not in str(e.value)
+
+
+# --- a short training run on the embedded corpus -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from corpus_fixtures import synth_pipeline
+    from imem.methods.base import run_method
+    from imem.params import section
+
+    tmp = synth_pipeline(tmp_path_factory.mktemp("emo_clim"))
+    methods = {"common": {"seed": 1, "device": "cpu", "image_encoder": "resnet18", "music_encoder": "resnet18"},
+               "emo_clim": {"epochs": 3, "batch_size": 16, "lr": 1e-3}}
+    # scored on train: the fixture's test split (7 images, 13 clips of two classes) is too small to show learning
+    ev = dict(section("evaluate"), split="train")
+    memo, out, threads = {}, [], torch.get_num_threads()
+    for i in range(2):
+        m = run_method("emo_clim", methods, ev, tmp / "prepare", tmp / "features", tmp / "rep" / "stats.json",
+                       tmp / f"models{i}", tmp / f"reports{i}", train_encoders=section("train")["encoders"],
+                       track=False, progress=False, memo=memo)
+        out.append((m, tmp / f"models{i}", tmp / f"reports{i}", tmp / "prepare" / ev["split"]))
+        assert torch.get_num_threads() == threads  # cpu_threads is restored after the run
+    return out
+
+
+@pytest.mark.slow
+def test_training_run_writes_valid_outputs_and_learns(runs):
+    m, model_dir, report_dir, scored = runs[0]
+    for f in (model_dir / "model.pt", report_dir / "metrics.json", report_dir / "history.csv", report_dir / "results.md"):
+        assert f.is_file(), f
+    assert list(m["rows"]) == ["Emo-CLIM", CHANCE_ROW]
+    cls_cols = {f"cls_{d}_{k}" for d in ("i2m", "m2i") for k in ("p1", "p5", "mrr")}
+    emb_cols = {c for c in COLUMNS if "_emb_" in c}
+    for row in m["rows"].values():
+        assert set(row) == cls_cols | emb_cols
+    hist = pd.read_csv(report_dir / "history.csv")
+    assert list(hist["epoch"]) == [1, 2, 3]
+    assert {"train/total", "train/i2i", "train/m2m", "train/i2m", "train/m2i", "val/total", "val/m2i"} <= set(hist)
+    assert hist["train/total"].iloc[-1] < hist["train/total"].iloc[0]
+    assert m["best_epoch"] == int(hist.loc[hist["val/total"].idxmin(), "epoch"])
+    model, chance = m["rows"]["Emo-CLIM"], m["rows"][CHANCE_ROW]
+    assert model["cls_i2m_mrr"] > chance["cls_i2m_mrr"] and model["cls_m2i_mrr"] > chance["cls_m2i_mrr"]
+    # skipped queries, from the scored split's tables: images whose mapped class no clip of the split has,
+    # and clips whose class no image of the split has
+    images, clips = (pd.read_csv(scored / f) for f in ("images.csv", "clips.csv"))
+    image_cls = images["emotion"].map(IMAGE_TO_MUSIC_EMOTION).dropna()
+    clip_cls = clips["emotion"][clips["emotion"].isin(set(IMAGE_TO_MUSIC_EMOTION.values()))]
+    assert m["n_dropped_items"] == 0 and len(image_cls) == len(images) and len(clip_cls) == len(clips)
+    assert m["skipped_i2m_queries"] == int((~image_cls.isin(set(clip_cls))).sum())
+    assert m["skipped_m2i_queries"] == int((~clip_cls.isin(set(image_cls))).sum())
+    state = torch.load(model_dir / "model.pt", weights_only=False)
+    assert state["image_head"]["net.3.weight"].shape == (128, 256)
+
+
+@pytest.mark.slow
+def test_training_run_is_deterministic(runs):
+    (m0, d0, r0, _), (m1, d1, r1, _) = runs
+    strip = ("seconds",)
+    assert {k: v for k, v in m0.items() if k not in strip} == {k: v for k, v in m1.items() if k not in strip}
+    assert (r0 / "history.csv").read_text() == (r1 / "history.csv").read_text()
+    s0, s1 = torch.load(d0 / "model.pt", weights_only=False), torch.load(d1 / "model.pt", weights_only=False)
+    for side in ("image_head", "music_head"):
+        for k, v in s0[side].items():
+            assert torch.equal(v, s1[side][k]), (side, k)

