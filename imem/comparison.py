@@ -8,7 +8,8 @@ the *mean predictor* (training-set means) and the *random ranking* (exact chance
 metric, from the evaluate stage and each method's own protocol).
 
 A variant whose loss weight for the similarity or a VA decoder is 0 leaves that decoder untrained, so those
-columns are blank for it (CDCML's ablation rows). Everything is measured on the split of ``evaluate.split``
+columns are blank for it (CDCML's ablation rows); without a cross-modal loss (CFR and CFM both 0: ACP-Net,
+L3-Net, the first two ablation rows) nothing aligns f_I with f_M, so the embedding-proximity columns are blank. Everything is measured on the split of ``evaluate.split``
 of the corpus the pipeline ran on -- by default the embedded (generated) corpus, which the report says.
 """
 
@@ -68,6 +69,8 @@ def variant_row(metrics: dict) -> dict[str, float]:
     for side in ("image", "music"):
         if w.get(f"va_{side}", 1.0) == 0:
             drop += [c for c in row if c.startswith(f"{side}_")]
+    if w.get("cfr", 1.0) == 0 and w.get("cfm", 1.0) == 0:  # no cross-modal loss aligns f_I with f_M: no shared space
+        drop += [c for c in row if "_emb_" in c]
     return {k: v for k, v in row.items() if k not in drop}
 
 
@@ -145,7 +148,9 @@ def markdown(df: pd.DataFrame, info: dict, title: str) -> str:
         head = GROUP_TITLES[group].format(thr=info.get("relevance_threshold"))
         if group == "matching":
             for scorer, what in (("sim", "ranked by the predicted matching score"),
-                                 ("emb", "ranked by proximity in the shared embedding space")):
+                                 ("emb", "ranked by proximity in the shared space (CDCML and the thesis: "
+                                         "squared distance of f_I and f_M; Emo-CLIM: cosine; MMVA: distance of "
+                                         "the predicted VA)")):
                 sc = [c for c in present if f"_{scorer}_" in c]
                 if sc:
                     renamed = df.rename(columns={c: c.replace(f"_{scorer}_", "_") for c in sc})

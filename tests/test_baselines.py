@@ -176,6 +176,9 @@ def test_comparison_rows_blanks_and_references(tmp_path):
     sim_only = {**dict.fromkeys(ones, 0.0), "sim": 1.0}
     assert "image_valence_mse" not in variant_row(_eval_metrics(sim_only, 0.04))  # untrained VA decoder: blank
     assert "m2i_sim_spearman" not in variant_row(_eval_metrics(ones, 0.04))  # not a comparison column
+    # no cross-modal loss (CFR, CFM = 0): f_I and f_M share no space, so no embedding-proximity columns
+    assert "m2i_emb_mrr" in variant_row(_eval_metrics(ones, 0.04))
+    assert "m2i_emb_mrr" not in variant_row(_eval_metrics(sim_only, 0.04))
     for v, w, s in (("cnn", ones, 0.04), ("cdcml_sim", sim_only, 0.045)):
         (tmp_path / "ev" / v).mkdir(parents=True)
         (tmp_path / "ev" / v / "metrics.json").write_text(json.dumps(_eval_metrics(w, s)))

@@ -18,7 +18,6 @@ import pandas as pd
 
 from imem.data.pairs import similarity, similarity_matrix
 from imem.errors import ImemError
-from imem.io import write_json, write_text
 from imem.methods.base import (
     CHANCE_ROW,
     CORPUS_LABEL,
@@ -27,7 +26,7 @@ from imem.methods.base import (
     matching_chance,
     matching_columns,
     regression_columns,
-    results_markdown,
+    write_reports,
 )
 
 LABEL = "SP-Net"
@@ -95,8 +94,7 @@ def run_sp_net(cfg: dict, reports_dir: str | Path, prepare_dir: str | Path, stat
                "relevance_threshold": float(eval_params["relevance_threshold"]), **result.notes,
                "rows": {k: {c: round(float(v), 6) for c, v in r.items()} for k, r in result.rows.items()}}
     out_dir = Path(out_dir)
-    write_json(out_dir / "metrics.json", metrics)
-    write_text(out_dir / "results.md", results_markdown(metrics))
+    write_reports(out_dir, metrics)
     if track:
         import mlflow
 
