@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test data lint bench clean-venv
+.PHONY: install repro compare-all test data lint bench clean-venv
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,12 @@ data: install
 
 repro: data
 	dvc repro
-	@cat reports/evaluate/summary/regression.md reports/evaluate/summary/retrieval.md
+	@cat reports/evaluate/summary/regression.md reports/evaluate/summary/retrieval.md reports/comparison/comparison.md
+
+# The full comparison set (compare/dvc.yaml): adds L3-Net, the thesis CNN and CDCML's ablation rows.
+compare-all: data
+	dvc repro compare/dvc.yaml
+	@cat reports/comparison_full/comparison.md
 
 test: install
 	python -m pytest
