@@ -209,3 +209,78 @@ def test_method_results_must_use_comparison_columns():
         check_result("x", MethodResult(rows={"X": {"m2i_recall": 0.1}}, history=[], state={}))
     with pytest.raises(ImemError, match="not a finite number"):
         check_result("x", MethodResult(rows={"X": {"sim_mse": float("nan")}}, history=[], state={}))
+
+
+def test_sp_net_stage_writes_reports_and_logs_one_mlflow_run(tmp_path, monkeypatch):
+    import mlflow
+
+    from imem.methods.sp_net import run_sp_net
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    t = _sp_reports(tmp_path)
+    cfg = {"image_variant": "unimodal_image", "music_variant": "unimodal_music", "checkpoint": "best"}
+    m = run_sp_net(cfg, t / "ev", t / "prep", t / "stats.json", EVAL, tmp_path / "out", track=True)
+    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert on_disk == m and "SP-Net" in (tmp_path / "out" / "results.md").read_text()
+    runs = mlflow.search_runs(experiment_names=["imem-methods"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.tags["imem.method"] == "sp_net"
+    assert runs[0].data.metrics["test/sim_mse"] == pytest.approx(m["rows"]["SP-Net"]["sim_mse"])
+    assert runs[0].data.metrics["test_random_ranking/m2i_sim_mrr"] == pytest.approx(m["rows"][CHANCE_ROW]["m2i_sim_mrr"])
+
+
+def _fake_method(monkeypatch):
+    """A minimal method module registered as ``imem.methods.fake``: the runner's contract, nothing else."""
+    import sys
+    import types
+
+    import imem.methods
+
+    mod = types.ModuleType("imem.methods.fake")
+    mod.LABEL, mod.DEFAULTS = "Fake", {"epochs": 2, "fail": False}
+
+    def fit_evaluate(cfg, data, ctx):
+        for e in range(1, cfg["epochs"] + 1):
+            ctx.log({"train/total": 1.0 / e}, e)
+        if cfg["fail"]:
+            raise ImemError("fake method failed on purpose")
+        n = len(data.clips[ctx.split])
+        return MethodResult(rows={"Fake": {"sim_mse": 0.25, "m2e_avg_rank": float(n)}}, history=[
+            {"epoch": e, "train/total": 1.0 / e} for e in range(1, cfg["epochs"] + 1)], state={"w": torch.ones(2)},
+            notes={"best_epoch": cfg["epochs"]})
+
+    mod.fit_evaluate = fit_evaluate
+    monkeypatch.setitem(sys.modules, "imem.methods.fake", mod)
+    monkeypatch.setattr(imem.methods, "METHODS", imem.methods.METHODS + ("fake",))
+
+
+def test_method_runner_writes_outputs_logs_mlflow_and_fails_cleanly(tiny, tmp_path, monkeypatch):
+    import mlflow
+
+    from imem.methods.base import run_method
+
+    _fake_method(monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    common = {"seed": 1, "device": "cpu", "image_encoder": "resnet18", "music_encoder": "resnet18"}
+    args = (section("evaluate"), tiny / "prepare", tiny / "features", tiny / "rep" / "stats.json",
+            tmp_path / "m", tmp_path / "r")
+    m = run_method("fake", {"common": common, "fake": {"epochs": 3}}, *args, train_encoders=section("train")["encoders"])
+    assert m["rows"]["Fake"]["sim_mse"] == 0.25 and m["best_epoch"] == 3 and m["corpus"] == "embedded (generated) corpus"
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["history.csv", "metrics.json", "results.md"]
+    assert torch.equal(torch.load(tmp_path / "m" / "model.pt", weights_only=False)["w"], torch.ones(2))
+    client = mlflow.MlflowClient()
+    run = mlflow.search_runs(experiment_names=["imem-methods"], output_format="list")[0]
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == "3"
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "train/total")] == [1, 2, 3]
+    assert run.data.metrics["test/sim_mse"] == 0.25
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pt", "metrics.json", "results.json"}
+    # a failing method: one error, the run marked FAILED, the earlier reports left whole
+    before = (tmp_path / "r" / "metrics.json").read_bytes()
+    with pytest.raises(ImemError, match="failed on purpose"):
+        run_method("fake", {"common": common, "fake": {"fail": True}}, *args, train_encoders=section("train")["encoders"])
+    assert (tmp_path / "r" / "metrics.json").read_bytes() == before
+    statuses = [r.info.status for r in mlflow.search_runs(experiment_names=["imem-methods"], output_format="list")]
+    assert sorted(statuses) == ["FAILED", "FINISHED"]
+    with pytest.raises(ImemError, match="unknown key 'methods.fake.epoch'"):
+        run_method("fake", {"common": common, "fake": {"epoch": 3}}, *args, track=False)
+    with pytest.raises(ImemError, match="no method 'nope'"):
+        run_method("nope", {"common": common}, *args, track=False)

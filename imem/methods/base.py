@@ -354,7 +354,9 @@ def row_slug(label: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in label.lower()).strip("_")
 
 
-def _finish_run(metrics: dict, model_dir: Path, report_dir: Path) -> None:
+def log_results(metrics: dict, files: list[Path]) -> None:
+    """Into the active MLflow run: ``test/<column>`` for the method's row, ``test_<row>/<column>`` for the
+    others (baselines, chance), the rows as a table, and ``files``."""
     import mlflow
 
     for i, (label, row) in enumerate(metrics["rows"].items()):
@@ -362,8 +364,12 @@ def _finish_run(metrics: dict, model_dir: Path, report_dir: Path) -> None:
         mlflow.log_metrics({f"{prefix}/{k}": float(v) for k, v in row.items()})
     table = pd.DataFrame.from_dict(metrics["rows"], orient="index").reset_index(names="row")
     mlflow.log_table(table, artifact_file="results.json")
-    for f in (model_dir / "model.pt", report_dir / "metrics.json", report_dir / "history.csv", report_dir / "results.md"):
+    for f in files:
         mlflow.log_artifact(str(f))
+
+
+def _finish_run(metrics: dict, model_dir: Path, report_dir: Path) -> None:
+    log_results(metrics, [model_dir / "model.pt"] + [report_dir / f for f in ("metrics.json", "history.csv", "results.md")])
 
 
 # --- small shared helpers ------------------------------------------------------------------------------

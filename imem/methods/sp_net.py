@@ -23,6 +23,7 @@ from imem.methods.base import (
     CORPUS_LABEL,
     MethodResult,
     check_result,
+    log_results,
     matching_chance,
     matching_columns,
     regression_columns,
@@ -96,20 +97,8 @@ def run_sp_net(cfg: dict, reports_dir: str | Path, prepare_dir: str | Path, stat
     out_dir = Path(out_dir)
     write_reports(out_dir, metrics)
     if track:
-        import mlflow
-
         from imem.tracking import mlflow_run
 
         with mlflow_run("imem-methods", "sp_net", {**cfg, "corpus": CORPUS_LABEL}, tags={"imem.method": "sp_net"}):
-            for i, r in enumerate(metrics["rows"].values()):
-                prefix = "test" if i == 0 else "test_random_ranking"
-                mlflow.log_metrics({f"{prefix}/{c}": float(v) for c, v in r.items()})
-            _finish_run_light(out_dir)
+            log_results(metrics, [out_dir / "metrics.json", out_dir / "results.md"])
     return metrics
-
-
-def _finish_run_light(out_dir: Path) -> None:
-    import mlflow
-
-    for f in ("metrics.json", "results.md"):
-        mlflow.log_artifact(str(out_dir / f))
