@@ -71,6 +71,26 @@ def retrieval(scores: np.ndarray, truth: np.ndarray, threshold: float, k_ndcg: i
     return out
 
 
+def expected_hit_at_k(n: int, r: int, k: int) -> float:
+    """P(at least one of ``r`` relevant among the first ``k`` of ``n`` candidates, uniformly random ranking)
+    = 1 - C(n-r, k) / C(n, k); with fewer candidates than k all of them are in the top k."""
+    k = min(k, n)
+    return 1.0 - math.comb(n - r, k) / math.comb(n, k)
+
+
+def expected_reciprocal_rank(n: int, r: int) -> float:
+    """E[1 / rank of the first of ``r`` relevant among ``n`` candidates], uniformly random ranking:
+    P(first relevant at rank j) = C(n-j, r-1) / C(n, r), summed in log space (no overflow at large n);
+    r = 1 gives H_n / n."""
+    from scipy.special import gammaln
+
+    def log_comb(a, b):
+        return gammaln(np.asarray(a, np.float64) + 1.0) - gammaln(b + 1.0) - gammaln(np.asarray(a, np.float64) - b + 1.0)
+
+    j = np.arange(1, n - r + 2)
+    return float(np.sum(np.exp(log_comb(n - j, r - 1) - log_comb(n, r)) / j))
+
+
 def random_ranking(truth: np.ndarray, threshold: float, k_ndcg: int = 10,
                    ks: tuple[int, ...] = RETRIEVAL_KS) -> dict[str, float]:
     """Exact expected metrics of a uniformly random ranking (same query filters as :func:`retrieval`)."""
@@ -86,12 +106,9 @@ def random_ranking(truth: np.ndarray, threshold: float, k_ndcg: int = 10,
     idcg = (-np.sort(-t, axis=1)[:, :len(disc)] * disc).sum(axis=1)
     out[f"ndcg{k_ndcg}"] = float(np.mean(t.mean(axis=1) * disc.sum() / idcg)) if len(t) else math.nan
     out["spearman"] = 0.0
-    for k in ks:  # P(at least one of r relevant among the first k of n) = 1 - C(n-r, k) / C(n, k)
-        kk = min(k, n)  # fewer candidates than k: all of them are in the top k
-        out[f"r{k}"] = float(np.mean([1 - math.comb(n - ri, kk) / math.comb(n, kk) for ri in r])) if len(r) else math.nan
-    # P(first relevant at rank j) = C(n-j, r-1) / C(n, r)
-    mrr = [sum(math.comb(n - j, ri - 1) / j for j in range(1, n - ri + 2)) / math.comb(n, ri) for ri in r]
-    out["mrr"] = float(np.mean(mrr)) if len(r) else math.nan
+    for k in ks:
+        out[f"r{k}"] = float(np.mean([expected_hit_at_k(n, int(ri), k) for ri in r])) if len(r) else math.nan
+    out["mrr"] = float(np.mean([expected_reciprocal_rank(n, int(ri)) for ri in r])) if len(r) else math.nan
     out["queries"] = int(len(truth))
     out["queries_with_relevant"] = int(len(r))
     return out

@@ -13,7 +13,8 @@ from imem.data.synth import IMAGE_TO_MUSIC_EMOTION
 from imem.errors import ImemError
 from imem.methods import emo_clim
 from imem.methods.base import CHANCE_ROW, COLUMNS
-from imem.methods.emo_clim import chance_mrr, class_chance, class_retrieval, settings, supcon
+from imem.methods.emo_clim import class_chance, class_retrieval, settings, supcon
+from imem.metrics import expected_reciprocal_rank as chance_mrr
 
 
 def loop_supcon(za, ya, zc, yc, t, intra):

@@ -45,6 +45,7 @@ from imem.methods.base import (
     regression_columns,
     torch_threads,
 )
+from imem.metrics import expected_reciprocal_rank
 
 LABEL = "CMER-CL"
 
@@ -192,7 +193,7 @@ def chance_columns(n: int) -> dict[str, float]:
     """Exact expectations under a uniformly random ranking of ``n`` candidates (the own one uniform on 1..n):
     MRR = H_n / n, mean rank = (n + 1) / 2; median rank (n + 1) / 2, which is both the midpoint median of the
     uniform rank and, by the symmetry r <-> n + 1 - r, the exact expected sample median over queries."""
-    mrr = sum(1.0 / k for k in range(1, n + 1)) / n
+    mrr = expected_reciprocal_rank(n, 1)  # = H_n / n
     mid = (n + 1) / 2
     return {
         f"{d}_{m}": v

@@ -36,7 +36,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy.special import gammaln
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,6 +43,7 @@ from imem.data.synth import IMAGE_TO_MUSIC_EMOTION
 from imem.errors import ImemError
 from imem.methods import base
 from imem.methods.base import CHANCE_ROW, MethodData, MethodResult, RunContext
+from imem.metrics import expected_reciprocal_rank
 
 LABEL = "Emo-CLIM"
 # weight_decay 0.01: torch.optim.AdamW's default, which the reference code uses (it sets only the lr).
@@ -210,27 +210,15 @@ def class_retrieval(scores: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndar
     return macro_average(per_query, query_cls[keep]), int((~keep).sum())
 
 
-def chance_mrr(n: int, r: int) -> float:
-    """Expected reciprocal rank of the first of ``r`` relevant among ``n`` candidates, uniformly random ranking."""
-    j = np.arange(1, n - r + 2)
-    # P(first relevant at rank j) = C(n-j, r-1) / C(n, r), in log space (no float overflow for large n)
-    log_p = _log_comb(n - j, r - 1) - _log_comb(n, r)
-    return float(np.sum(np.exp(log_p) / j))
-
-
-def _log_comb(n, k):
-    return gammaln(np.asarray(n) + 1.0) - gammaln(k + 1.0) - gammaln(np.asarray(n) - k + 1.0)
-
-
 def class_chance(query_cls: np.ndarray, cand_cls: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """The exact expectation of :func:`class_retrieval` under a uniformly random ranking: E[P@k] =
-    min(k, N) R / (N k), E[RR] = :func:`chance_mrr`, with R of the N candidates relevant; averaged alike."""
+    min(k, N) R / (N k), E[RR] = :func:`imem.metrics.expected_reciprocal_rank`, with R of the N candidates relevant; averaged alike."""
     query_cls, cand_cls = np.asarray(query_cls), np.asarray(cand_cls)
     q = query_cls[np.isin(query_cls, cand_cls)]
     n = len(cand_cls)
     r = {c: int((cand_cls == c).sum()) for c in np.unique(q)}
     per_query = {f"p{k}": np.array([min(k, n) * r[c] / (n * k) for c in q]) for k in ks}
-    per_query["mrr"] = np.array([chance_mrr(n, r[c]) for c in q])
+    per_query["mrr"] = np.array([expected_reciprocal_rank(n, r[c]) for c in q])
     return macro_average(per_query, q)
 
 

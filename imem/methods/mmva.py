@@ -48,6 +48,7 @@ from imem.methods.base import (
     regression_columns,
     torch_threads,
 )
+from imem.metrics import expected_hit_at_k
 from imem.models.decoders import MLPDecoder
 
 LABEL = "MMVA"
@@ -377,8 +378,7 @@ def t2m_chance(relevant: np.ndarray, ks: tuple[int, ...] = T2M_KS, k_map: int = 
     r = r[r > 0]
     if not len(r):
         return {**{f"t2m_r{k}": math.nan for k in ks}, f"t2m_map{k_map}": math.nan}
-    out = {f"t2m_r{k}": float(np.mean([1 - math.comb(n - int(ri), min(k, n)) / math.comb(n, min(k, n)) for ri in r]))
-           for k in ks}
+    out = {f"t2m_r{k}": float(np.mean([expected_hit_at_k(n, int(ri), k) for ri in r])) for k in ks}
     aps = []
     for ri in r:
         ri = int(ri)
