@@ -55,6 +55,22 @@ def load_checkpoints(model_dir: Path) -> dict[str, dict]:
     return out
 
 
+def load_seed_checkpoints(model_dir: Path, cfg: dict) -> dict[int, dict]:
+    """The best checkpoints of the variant's extra training seeds (``n_seeds`` of the first seed's config),
+    ``models/<variant>/seeds/<train_seed>/best.pt``, by seed; stale seed directories are not read."""
+    from imem.training import seed_runs
+
+    out = {}
+    for c in seed_runs(cfg)[1:]:
+        ts = int(c["train_seed"])
+        path = model_dir / "seeds" / str(ts) / "best.pt"
+        if not path.is_file():
+            raise ImemError(f"{path}: no checkpoint for training seed {ts} (re-run the train stage)")
+        ck = read_checkpoint(path)
+        out[ts] = {"model": ck["model"], "epoch": int(ck["epoch"])}
+    return out
+
+
 class Evaluator:
     """Predictions of one variant on one split, for any weights loaded into its model."""
 
@@ -67,6 +83,14 @@ class Evaluator:
         self.kind, self.sides = self.trainer.kind, self.trainer.sides
         self.d, self.train = self.trainer.data[split], self.trainer.data["train"]
         self.init_state = copy.deepcopy(self.trainer.model.state_dict())  # the seeded weights training started from
+        tables = Path(prepare_dir) / split
+        self.song_of_clip = pd.read_csv(tables / "clips.csv", dtype={"clip_id": str, "song_id": str})["song_id"].to_numpy()
+        self.image_ids = pd.read_csv(tables / "images.csv", dtype={"image_id": str})["image_id"].to_numpy()
+        # positions of every pair's clip and image in the item tables (load_split keeps the tables' order)
+        pos_c = {int(r): i for i, r in enumerate(self.d.items_music[0].tolist())}
+        pos_i = {int(r): i for i, r in enumerate(self.d.items_image[0].tolist())}
+        self.pair_clip = np.array([pos_c[int(r)] for r in self.d.music_rows.tolist()], dtype=np.int64)
+        self.pair_image = np.array([pos_i[int(r)] for r in self.d.image_rows.tolist()], dtype=np.int64)
         if self.trainer.fc_only:  # frozen backbones: identical in every checkpoint, so one cache serves all
             self.trainer.build_cache((split,))
         if self.kind == "matching":
@@ -152,6 +176,52 @@ def retrieval_rows(pred: dict[str, np.ndarray], truth: np.ndarray, threshold: fl
     return row
 
 
+def resampled_row(pred: dict[str, np.ndarray], true: dict[str, np.ndarray], ev: Evaluator, ci: np.ndarray,
+                  ii: np.ndarray, threshold: float, k: int, scores: dict[str, np.ndarray] | None) -> dict[str, float]:
+    """The columns of :func:`regression_row` and :func:`retrieval_rows` on one bootstrap resample: clips
+    ``ci`` and images ``ii`` (indices into the split's tables, repeated when drawn several times). A pair
+    counts as often as its clip times its image; ``scores``: full clips x images matrices per scorer."""
+    row = {}
+    if "pair_sim" in pred:
+        w = np.bincount(ci, minlength=len(ev.song_of_clip))[ev.pair_clip] * \
+            np.bincount(ii, minlength=len(ev.image_ids))[ev.pair_image]
+        if w.sum() > 0:
+            row.update({f"sim_{m}": v for m, v in regression(pred["pair_sim"], true["pair_sim"], w).items()})
+    for side, idx in (("image", ii), ("music", ci)):
+        if f"{side}_va" in pred:
+            p, t = np.asarray(pred[f"{side}_va"])[idx], true[f"{side}_va"][idx]
+            for j, dim in enumerate(VA):
+                row.update({f"{side}_{dim}_{m}": v for m, v in regression(p[:, j], t[:, j]).items()})
+    if scores is not None:
+        t = ev.truth[np.ix_(ci, ii)]
+        for scorer, full in scores.items():
+            s = full[np.ix_(ci, ii)]
+            for short, ss, tt in (("m2i", s, t), ("i2m", s.T, t.T)):
+                m = retrieval(ss, tt, threshold, k_ndcg=k)
+                row.update({f"{short}_{scorer}_{name}": v for name, v in m.items() if not name.startswith("queries")})
+    return row
+
+
+def bootstrap_rows(ev: Evaluator, preds: dict[str, dict], true: dict[str, np.ndarray], models: list[str],
+                   threshold: float, k: int, settings: dict, progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """Resample values (:mod:`imem.bootstrap`) of ``model`` -- the mean over the training seeds ``models``
+    (prediction names) -- and of the mean predictor, on the plan of ``evaluate.bootstrap``."""
+    from imem import bootstrap
+
+    plan = bootstrap.make_plan(ev.song_of_clip, ev.image_ids, settings["n"], settings["seed"])
+    matching = ev.kind == "matching"
+    full = {name: ({sc: _scores(preds[name], sc, "music_to_image") for sc in SCORERS} if matching else None)
+            for name in models}
+
+    def score(ci: np.ndarray, ii: np.ndarray) -> dict[str, dict[str, float]]:
+        out = {name: resampled_row(preds[name], true, ev, ci, ii, threshold, k, full[name]) for name in models}
+        out["mean_predictor"] = resampled_row(preds["mean_predictor"], true, ev, ci, ii, threshold, k, None)
+        return out
+
+    reps = bootstrap.replicate(score, plan, desc=f"bootstrap {ev.cfg['variant']}", progress=progress)
+    return {"model": bootstrap.mean_over([reps[name] for name in models]), "mean_predictor": reps["mean_predictor"]}, plan
+
+
 def random_rows(truth: np.ndarray, threshold: float, k: int) -> dict[str, float]:
     row = {}
     for direction, short in DIRECTIONS.items():
@@ -184,11 +254,14 @@ def evaluate_variant(model_dir: str | Path, prepare_dir: str | Path, features_di
     ev = Evaluator(cfg, prepare_dir, features_dir, params["split"], sigma, params["batch_size"], progress)
     split, thr, k = params["split"], float(params["relevance_threshold"]), int(params["ndcg_k"])
     true = ev.targets()
-    states = {"best": cks["best"]["model"], "last": cks["last"]["model"], "untrained": ev.init_state}
+    seeds = load_seed_checkpoints(model_dir, cks["best"]["config"])
+    states = {"best": cks["best"]["model"], "last": cks["last"]["model"], "untrained": ev.init_state,
+              **{f"seed_{ts}": ck["model"] for ts, ck in seeds.items()}}
     preds = {}
     for name, state in tqdm(states.items(), desc=f"evaluate {variant}", unit="checkpoint", disable=not progress):
         ev.load(state)
-        preds[name] = ev.predict()
+        with ev.trainer.threads():
+            preds[name] = ev.predict()
     preds["mean_predictor"] = ev.mean_predictor()
 
     metrics: dict = {"variant": variant, "split": split, "corpus": CORPUS_LABEL, "sigma": sigma,
@@ -206,13 +279,45 @@ def evaluate_variant(model_dir: str | Path, prepare_dir: str | Path, features_di
     if ev.kind == "matching":
         metrics["random_ranking"] = _round(random_rows(ev.truth, thr, k))
         ret_rows = _retrieval_table(metrics, k)
+    # every training seed (issue 14): the mean and std over seeds, and the 95 % bootstrap interval of that mean
+    seed_names = ["best"] + [f"seed_{ts}" for ts in seeds]
+    seed_rows = [metrics["best"]] + [
+        {**regression_row(preds[n], true), **(retrieval_rows(preds[n], ev.truth, thr, k) if ev.kind == "matching" else {})}
+        for n in seed_names[1:]]
+    metrics["seeds"] = seed_summary(seed_rows, [int(cfg.get("train_seed", cfg["seed"]))] + list(seeds),
+                                    [cks["best"]["epoch"]] + [ck["epoch"] for ck in seeds.values()])
+    from imem import bootstrap
+
+    bs = params["bootstrap"]
+    reps, plan = bootstrap_rows(ev, preds, true, seed_names, thr, k, bs, progress)
+    metrics["bootstrap"] = {"resamples": plan.n, "seed": plan.seed, "level": float(bs["level"]),
+                            "units": "songs of the split (a song's clips together) and images, with replacement"}
+    metrics["ci"] = bootstrap.intervals(reps["model"], float(bs["level"]))
+    metrics["mean_predictor_ci"] = bootstrap.intervals(reps["mean_predictor"], float(bs["level"]))
+    pct = f"{100 * float(bs['level']):g} %"
+    for name, label in (("seeds_mean", f"mean over {len(seed_names)} seed{'s' if len(seed_names) > 1 else ''}"), ("ci_lo", f"{pct} CI low"),
+                        ("ci_hi", f"{pct} CI high")):
+        src = metrics["seeds"]["mean"] if name == "seeds_mean" else metrics["ci"][name[3:]]
+        reg_rows.append({"model": label, **{c: v for c, v in src.items() if c.endswith(("_mse", "_mae"))}})
 
     reg = pd.DataFrame(reg_rows)
     ret = pd.DataFrame(ret_rows)
-    _write(out_dir, metrics, reg, ret, ev, preds, true, params)
+    _write(out_dir, metrics, reg, ret, ev, preds, true, params, (reps, plan))
     if track:
         _track(variant, cks["best"]["sha256"], cfg, metrics, reg, ret, out_dir, split)
     return metrics
+
+
+def seed_summary(rows: list[dict[str, float]], train_seeds: list[int], best_epochs: list[int]) -> dict:
+    """``{"n", "train_seeds", "best_epochs", "mean": {column: mean}, "std": {column: sample std}}`` over the
+    training seeds' rows (std only with two or more seeds)."""
+    cols = [c for c in rows[0] if all(c in r for r in rows)]
+    vals = {c: np.array([r[c] for r in rows], dtype=np.float64) for c in cols}
+    out = {"n": len(rows), "train_seeds": [int(s) for s in train_seeds], "best_epochs": [int(e) for e in best_epochs],
+           "mean": _round({c: float(np.mean(v)) for c, v in vals.items()})}
+    if len(rows) > 1:
+        out["std"] = _round({c: float(np.std(v, ddof=1)) for c, v in vals.items()})
+    return out
 
 
 def _retrieval_table(metrics: dict, k: int) -> list[dict]:
@@ -232,7 +337,9 @@ def _retrieval_table(metrics: dict, k: int) -> list[dict]:
 
 
 def _write(out_dir: Path, metrics: dict, reg: pd.DataFrame, ret: pd.DataFrame, ev: Evaluator,
-           preds: dict, true: dict, params: dict) -> None:
+           preds: dict, true: dict, params: dict, boot: tuple) -> None:
+    from imem import bootstrap
+
     variant, split = metrics["variant"], metrics["split"]
     note = (f"Variant `{variant}`, {split} split, {CORPUS_LABEL}: not a reproduction of any paper's table. "
             f"best = epoch {metrics['best_epoch']} (lowest val total loss), last = epoch {metrics['last_epoch']}; "
@@ -250,12 +357,14 @@ def _write(out_dir: Path, metrics: dict, reg: pd.DataFrame, ret: pd.DataFrame, e
                    "variant (VA of one modality, no image-music similarity).\n")
     write_json(out_dir / "metrics.json", metrics)
     with atomic_dir(out_dir / "predictions") as tmp:
+        bootstrap.save(tmp / "bootstrap.npz", *boot)
         d, store = ev.d, ev.trainer.store
         for side in ev.sides:
             rows = getattr(d, f"items_{side}")[0].numpy()
             ids = _ids(store.images, rows, "image_id") if side == "image" else _ids(store.clips, rows, "clip_id")
             df = pd.DataFrame({"id": ids, "valence": true[f"{side}_va"][:, 0], "arousal": true[f"{side}_va"][:, 1]})
-            for name in ("best", "last", "untrained", "mean_predictor"):
+            seeds = [n for n in preds if n.startswith("seed_")]  # extra training seeds' best checkpoints
+            for name in ("best", "last", "untrained", "mean_predictor", *seeds):
                 for j, dim in enumerate(VA):
                     df[f"{dim}_{name}"] = preds[name][f"{side}_va"][:, j]
             write_csv(tmp / f"{side}_va.csv", df)

@@ -65,6 +65,7 @@ FEATURES = {
 TRAIN = {
     "common": {
         "seed": 1,
+        "n_seeds": 1,
         "device": "cpu",
         "epochs": 20,
         "batch_size": 128,
@@ -87,6 +88,7 @@ TRAIN = {
         "dropout": 0.5,
         "head_norm": "batchnorm",
         "clip_seconds": 2.0,
+        "cpu_threads": 0,
     },
     "encoders": {},
     "variants": {},
@@ -124,6 +126,7 @@ EVALUATE = {
     "ndcg_k": 10,
     "top_k": 10,
     "batch_size": 4096,
+    "bootstrap": {"n": 1000, "seed": 2026, "level": 0.95},
 }
 
 VISUALIZE = {
@@ -137,7 +140,7 @@ VISUALIZE = {
 # The field's other methods (issue 7; stage method@<name>): ``common`` here, each method's own section is
 # checked against the DEFAULTS of its module (imem/methods/<name>.py).
 METHODS = {
-    "common": {"seed": 1, "device": "cpu", "image_encoder": "resnet50", "music_encoder": "resnet18"},
+    "common": {"seed": 1, "n_seeds": 1, "device": "cpu", "image_encoder": "resnet50", "music_encoder": "resnet18"},
     "mmva": {}, "emo_clim": {}, "cmer_cl": {}, "sp_net": {},
 }
 

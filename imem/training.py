@@ -179,6 +179,31 @@ def _device(name: str) -> torch.device:
 
 # --- the loop ---------------------------------------------------------------------------------------------
 
+def reinit_after_backbones(model: torch.nn.Module, backbones: list[torch.nn.Module]) -> int:
+    """Fresh default initialisation (``reset_parameters``, from torch's global RNG) of every module of
+    ``model`` outside ``backbones``; returns how many modules were reset."""
+    inside = {id(m) for bb in backbones for m in bb.modules()}
+    n = 0
+    for m in model.modules():
+        if id(m) not in inside and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+            n += 1
+    return n
+
+
+def seed_runs(cfg: dict) -> list[dict]:
+    """The configs of a variant's training seeds: ``seed``, ``seed + 1``, ... (``n_seeds`` of them)."""
+    n = int(cfg.get("n_seeds", 1))
+    return [dict(cfg, train_seed=int(cfg["seed"]) + k) for k in range(n)]
+
+
+def seed_dir(base: str | Path, cfg: dict) -> Path:
+    """Where a seed's checkpoints go: ``base`` for the first (``models/<variant>``, what predict/retrieve
+    use), ``base/seeds/<train_seed>`` for the others."""
+    ts = int(cfg.get("train_seed", cfg["seed"]))
+    return Path(base) if ts == int(cfg["seed"]) else Path(base) / "seeds" / str(ts)
+
+
 class Trainer:
     def __init__(self, cfg: dict, prepare_dir: str | Path, features_dir: str | Path, progress: bool = True):
         self.cfg = cfg
@@ -195,6 +220,16 @@ class Trainer:
         self.model = build_model(cfg).to(self.device)
         self.sides = {"matching": ("image", "music"), "unimodal_image": ("image",), "unimodal_music": ("music",)}[self.kind]
         self.backbones = {side: self._backbone(side) for side in self.sides}
+        # One of several training seeds (issue 14; train.common.n_seeds): the backbones stay the ones built
+        # from ``seed`` (they stand in for pretrained weights, the same for every seed), everything after them
+        # (heads, decoders), the batch order and dropout draw from ``train_seed``.
+        self.train_seed = int(cfg.get("train_seed", cfg["seed"]))
+        if self.train_seed != int(cfg["seed"]):
+            torch.manual_seed(self.train_seed)
+            # a backbone trained from scratch (fc_only: false without pretrained weights) is part of what the
+            # seed draws; a frozen or pretrained one is not
+            scratch = not cfg["fc_only"] and not any(cfg[f"{s}_encoder"].get("pretrained") for s in self.sides)
+            reinit_after_backbones(self.model, [] if scratch else list(self.backbones.values()))
         self.fetch = {side: Inputs(self.store, cfg[f"{side}_encoder"], side) for side in self.sides}
         self.fc_only = bool(cfg["fc_only"])
         if self.fc_only:
@@ -224,11 +259,19 @@ class Trainer:
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, int(cfg["epochs"]))
         else:
             raise ImemError(f"params: train scheduler {cfg['scheduler']!r} is not one of: step, cosine")
-        self.gen = torch.Generator().manual_seed(int(cfg["seed"]))
+        self.gen = torch.Generator().manual_seed(self.train_seed)
         self.cache: dict[str, tuple[torch.Tensor, dict]] = {}
         self.epoch = 0
         self.history: list[dict] = []
         self.best = {"val_total": math.inf, "epoch": -1}
+
+    def threads(self):
+        """torch CPU threads for the epochs and predictions: ``cpu_threads`` when the backbones are frozen
+        and cached on the CPU (small heads), torch's own count otherwise (0: unchanged)."""
+        from imem.runtime import torch_threads
+
+        n = int(self.cfg.get("cpu_threads", 0))
+        return torch_threads(n if self.fc_only and self.device.type == "cpu" else 0)
 
     def _backbone(self, side: str) -> torch.nn.Module:
         m = self.model
@@ -495,6 +538,40 @@ def train_variant(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, 
                       stop_after, track and main, progress and main, on_epoch, cache_memo, main)
 
 
+def train_seeds(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, model_dir: str | Path,
+                report_dir: str | Path, resume: bool = False, track: bool = True, progress: bool = True,
+                cache_memo: dict | None = None) -> list[dict]:
+    """Every training seed of a variant (``n_seeds``; :func:`seed_runs`): the first into ``model_dir`` and
+    ``report_dir``, the others into ``model_dir/seeds/<train_seed>/`` (checkpoints, history, metrics).
+    ``resume`` continues each seed from its ``last.pt`` (the first seed must have one; a later seed without
+    one starts fresh: it had not begun); without it, seed directories that ``n_seeds`` no longer names are
+    removed. Under torchrun all seeds share one process group (opening and closing one per seed would reuse
+    the rendezvous keys) and only rank 0 removes directories."""
+    import shutil
+
+    if isinstance(cfg.get("n_seeds", 1), bool) or int(cfg.get("n_seeds", 1)) < 1:
+        raise ImemError(f"params: train n_seeds = {cfg.get('n_seeds')!r}: must be an integer >= 1")
+    runs = seed_runs(cfg)
+    if resume and not (Path(model_dir) / "last.pt").is_file():
+        raise ImemError(f"--resume: no checkpoint at {Path(model_dir) / 'last.pt'}")
+    wanted = {seed_dir(model_dir, c) for c in runs}
+    reports = []
+    with ddp.session(_device(cfg["device"])):
+        if not resume and (Path(model_dir) / "seeds").is_dir() and ddp.is_main():
+            for d in (Path(model_dir) / "seeds").iterdir():
+                if d not in wanted:
+                    shutil.rmtree(d)
+        if ddp.active():
+            ddp.barrier()
+        for c in runs:
+            d = seed_dir(model_dir, c)
+            first = d == Path(model_dir)
+            reports.append(train_variant(c, prepare_dir, features_dir, d, report_dir if first else d,
+                                         resume=resume and (d / "last.pt").is_file(), track=track,
+                                         progress=progress, cache_memo=cache_memo))
+    return reports
+
+
 def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_after, track, progress, on_epoch,
            cache_memo, main) -> dict:
     trainer = Trainer(cfg, prepare_dir, features_dir, progress)
@@ -511,7 +588,8 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
         done = 0
         bar = tqdm(total=epochs, initial=trainer.epoch, desc=f"train {cfg['variant']}", unit="epoch", disable=not progress)
         while trainer.epoch < epochs and (stop_after is None or done < stop_after):
-            row = trainer.run_epoch()
+            with trainer.threads():
+                row = trainer.run_epoch()
             done += 1
             bar.update(1)
             bar.set_postfix({"train": f"{row['train/total']:.4f}", "val": f"{row['val/total']:.4f}"})
@@ -535,7 +613,9 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
             best = torch.load(model_dir / "best.pt", map_location="cpu", weights_only=False)
             trainer.model.load_state_dict(best["model"])
             for split in ("val", "test"):
-                for name, (model_v, mean_v) in trainer.mse_report(split).items():
+                with trainer.threads():
+                    mse = trainer.mse_report(split)
+                for name, (model_v, mean_v) in mse.items():
                     report[f"{split}/{name}"] = round(model_v, 6)
                     report[f"{split}/{name}_mean_predictor"] = round(mean_v, 6)
                     report[f"{split}/{name}_margin"] = round(mean_v - model_v, 6)
@@ -576,8 +656,10 @@ def _tracking(cfg: dict, track: bool):
         return contextlib.nullcontext()
     from imem.tracking import mlflow_run
 
-    return mlflow_run("imem-train", cfg["variant"], {**cfg, "corpus": cfg.get("corpus", "")},
-                      tags={"imem.variant": cfg["variant"]})
+    ts = int(cfg.get("train_seed", cfg["seed"]))
+    name = cfg["variant"] if ts == int(cfg["seed"]) else f"{cfg['variant']} (training seed {ts})"
+    return mlflow_run("imem-train", name, {**cfg, "corpus": cfg.get("corpus", "")},
+                      tags={"imem.variant": cfg["variant"], "imem.train_seed": str(ts)})
 
 
 def _log(metrics: dict, step: int, track: bool) -> None:

@@ -97,12 +97,23 @@ def test_sharded_step_gives_the_single_process_gradient(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def _two_seeds(d: Path) -> None:
+    """params.yaml of a workspace with n_seeds: 2 (both training seeds run in one process group)."""
+    import yaml
+
+    p = yaml.safe_load((d / "params.yaml").read_text())
+    p.setdefault("train", {}).setdefault("common", {})["n_seeds"] = 2
+    (d / "params.yaml").write_text(yaml.safe_dump(p))
+
+
 def test_torchrun_two_processes_match_the_single_process_run(tiny, tmp_path):
     one = _workspace(tiny, tmp_path / "one")
     two = _workspace(tiny, tmp_path / "two")
+    for d in (one, two):
+        _two_seeds(d)
     # rank 1 runs in a workspace of its own (same inputs, same MLflow store): anything it wrote to models/ or
     # reports/ would land there, so "only rank 0 writes" is checked per rank
-    _workspace(tiny, tmp_path / "two_rank1")
+    _two_seeds(_workspace(tiny, tmp_path / "two_rank1"))
     per_rank = tmp_path / "per_rank_cwd.py"
     per_rank.write_text(textwrap.dedent(f"""
         import os, runpy, sys
@@ -135,6 +146,12 @@ def test_torchrun_two_processes_match_the_single_process_run(tiny, tmp_path):
     m2 = json.loads((two / "reports/train/transformer_v2/metrics.json").read_text())
     assert m2["finished"] and m2["val/sim_mse"] == pytest.approx(m1["val/sim_mse"], rel=0.05)
     assert (two / "models/transformer_v2/best.pt").is_file() and (two / "models/transformer_v2/last.pt").is_file()
+    # the second training seed ran in the same process group (no second rendezvous), written by rank 0 only
+    assert (two / "models/transformer_v2/seeds/2/best.pt").is_file()
+    h1b = pd.read_csv(one / "models/transformer_v2/seeds/2/history.csv")
+    h2b = pd.read_csv(two / "models/transformer_v2/seeds/2/history.csv")
+    assert h2b["val/total"].to_numpy() == pytest.approx(h1b["val/total"].to_numpy(), rel=0.05)
+    assert not h1b["val/total"].equals(h1["val/total"])  # another seed, other heads
     rank1 = tmp_path / "two_rank1"
     assert not (rank1 / "models").exists() and not (rank1 / "reports").exists(), sorted(map(str, rank1.rglob("*")))
     # only rank 0 logged: one MLflow run, with both epochs
@@ -142,9 +159,11 @@ def test_torchrun_two_processes_match_the_single_process_run(tiny, tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{two / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["imem-train"], output_format="list")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    hist = mlflow.tracking.MlflowClient().get_metric_history(runs[0].info.run_id, "val/total")
-    assert [m.step for m in hist] == [1, 2]
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # one run per training seed
+    assert sorted(r.data.tags["imem.train_seed"] for r in runs) == ["1", "2"]
+    for r in runs:
+        hist = mlflow.tracking.MlflowClient().get_metric_history(r.info.run_id, "val/total")
+        assert [m.step for m in hist] == [1, 2]
 
 
 @pytest.mark.slow

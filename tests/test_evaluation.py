@@ -88,7 +88,8 @@ def test_mean_predictor_row_by_hand(run):
             assert mp[f"{side}_{dim}_mse"] == pytest.approx(((te[dim] - tr[dim].mean()) ** 2).mean(), abs=1e-6)
             assert mp[f"{side}_{dim}_mae"] == pytest.approx((te[dim] - tr[dim].mean()).abs().mean(), abs=1e-6)
     table = pd.read_csv(run / "eval" / "cnn" / "regression.csv")
-    assert table["model"].tolist() == ["best", "last", "untrained", "mean_predictor"]
+    assert table["model"].tolist() == ["best", "last", "untrained", "mean_predictor", "mean over 1 seed",
+                                       "95 % CI low", "95 % CI high"]
     assert table.set_index("model").loc["mean_predictor", "sim_mse"] == pytest.approx(mp["sim_mse"], abs=1e-6)
 
 
@@ -221,3 +222,52 @@ def test_missing_or_foreign_checkpoint_is_one_clear_error(run, tmp_path):
     with pytest.raises(ImemError, match=r"missing \(run the evaluate stage"):
         visualize_variant(run / "train" / "cnn", tmp_path / "noeval", run / "features", tmp_path / "f",
                           section("visualize"), track=False)
+
+
+def test_training_seeds_share_the_backbone_and_evaluate_reports_their_mean_std_and_bootstrap(run, tmp_path):
+    """n_seeds = 2: the second seed trains into models/<variant>/seeds/<seed>/ with the same frozen backbone
+    and other heads; evaluate reports the mean and std over both seeds and the bootstrap interval of the
+    mean; the identity resample gives back the full-split numbers."""
+    from imem import bootstrap
+    from imem.evaluation import Evaluator, regression_row, resampled_row, retrieval_rows
+    from imem.training import train_seeds
+
+    cfg = dict(_cfg("cnn"), n_seeds=2)
+    ev_params = dict(section("evaluate"), bootstrap={"n": 200, "seed": 3, "level": 0.95})
+    reports = train_seeds(cfg, run / "prepare", run / "features", tmp_path / "m", tmp_path / "t", track=False,
+                          progress=False)
+    assert len(reports) == 2 and (tmp_path / "m" / "seeds" / "2" / "best.pt").is_file()
+    a = torch.load(tmp_path / "m" / "best.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "m" / "seeds" / "2" / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a if "backbone" in k)  # same frozen backbones
+    assert not torch.equal(a["sim.0.weight"], b["sim.0.weight"])  # other trained heads
+    m = evaluate_variant(tmp_path / "m", run / "prepare", run / "features", run / "rep" / "stats.json",
+                         tmp_path / "e", ev_params, track=False, progress=False)
+    s = m["seeds"]
+    assert s["n"] == 2 and s["train_seeds"] == [1, 2] and len(s["best_epochs"]) == 2
+    first = m["best"]["sim_mse"]
+    va = pd.read_csv(tmp_path / "e" / "predictions" / "music_va.csv")
+    assert {"valence_best", "valence_seed_2"} <= set(va.columns)
+    true_va = va[["valence", "arousal"]].to_numpy()
+    second = float(np.mean((va["valence_seed_2"] - true_va[:, 0]) ** 2))
+    assert s["mean"]["music_valence_mse"] == pytest.approx((m["best"]["music_valence_mse"] + second) / 2, abs=2e-6)
+    assert s["std"]["sim_mse"] >= 0 and first > 0
+    assert m["bootstrap"]["resamples"] == 200
+    for c in ("sim_mse", "image_valence_mse", "music_arousal_mse"):
+        assert m["ci"]["lo"][c] <= s["mean"][c] <= m["ci"]["hi"][c], c
+    reps, n, seed = bootstrap.load(tmp_path / "e" / "predictions" / "bootstrap.npz")
+    assert (n, seed) == (200, 3) and set(reps) == {"model", "mean_predictor"}
+    assert reps["model"]["sim_mse"].shape == (200,)
+    # one formula: the identity resample equals the full-split rows of the first seed
+    ck = torch.load(tmp_path / "m" / "best.pt", weights_only=False)
+    ev = Evaluator(ck["config"], run / "prepare", run / "features", "test", m["sigma"], progress=False)
+    ev.load(ck["model"])
+    pred, true = ev.predict(), ev.targets()
+    full = {**regression_row(pred, true), **retrieval_rows(pred, ev.truth, 0.7, 10)}
+    from imem.evaluation import SCORERS, _scores
+
+    scores = {sc: _scores(pred, sc, "music_to_image") for sc in SCORERS}
+    same = resampled_row(pred, true, ev, np.arange(len(ev.song_of_clip)), np.arange(len(ev.image_ids)), 0.7, 10, scores)
+    assert set(same) == set(full)
+    for c, v in full.items():
+        assert same[c] == pytest.approx(v, abs=1e-9, nan_ok=True), c
