@@ -131,6 +131,9 @@ def _sp_reports(tmp: Path, sigma: float = 0.5) -> Path:
     (tmp / "prep" / "test").mkdir(parents=True)
     pd.DataFrame({"clip_id": ["x-1", "y-1", "x-1"], "image_id": ["a", "a", "b"], "score": [0.9, 0.2, 0.1]}).to_csv(
         tmp / "prep" / "test" / "pairs.csv", index=False)
+    # the split's tables in another order than the predictions (SP-Net follows the tables: bootstrap indices)
+    pd.DataFrame({"clip_id": ["y-1", "x-1"], "song_id": ["y", "x"]}).to_csv(tmp / "prep" / "test" / "clips.csv", index=False)
+    pd.DataFrame({"image_id": ["b", "a"]}).to_csv(tmp / "prep" / "test" / "images.csv", index=False)
     (tmp / "stats.json").write_text(json.dumps({"sigma": sigma}))
     return tmp
 
@@ -151,6 +154,40 @@ def test_sp_net_similarity_is_exp_of_predicted_va_distance(tmp_path):
     assert set(res.rows[CHANCE_ROW]) == {c for c in row if "_sim_" in c}
     # two images per clip query: a relevant one is always within the top 5 (fewer candidates than k)
     assert res.rows[CHANCE_ROW]["m2i_sim_r5"] == 1.0
+
+
+def test_sp_net_over_training_seeds_reports_mean_std_and_bootstrap(tmp_path):
+    """Extra seeds' columns (valence_seed_<n>) pair up k-th image seed with k-th music seed; the row is their
+    mean, with the std and a bootstrap interval; the identity resample gives each seed's full row."""
+    from imem import bootstrap
+    from imem.methods.sp_net import run_sp_net, sp_net_seeds
+
+    t = _sp_reports(tmp_path)
+    for v, side in (("unimodal_image", "image"), ("unimodal_music", "music")):
+        f = t / "ev" / v / "predictions" / f"{side}_va.csv"
+        df = pd.read_csv(f)
+        df["valence_seed_2"], df["arousal_seed_2"] = df["valence"], df["arousal"]  # a perfect second seed
+        df.to_csv(f, index=False)
+    cfg = {"image_variant": "unimodal_image", "music_variant": "unimodal_music", "checkpoint": "best"}
+    res = sp_net_seeds(cfg, t / "ev", t / "prep", t / "stats.json", EVAL)
+    assert len(res) == 2
+    assert res[1].rows["SP-Net"]["image_valence_mse"] == 0 and res[1].rows["SP-Net"]["music_arousal_mae"] == 0
+    for r in res:
+        same = r.rescore(np.arange(2), np.arange(2))["SP-Net"]
+        assert all(same[c] == pytest.approx(v, abs=1e-12) for c, v in r.rows["SP-Net"].items())
+    # a resample drawing clip x-1 twice and image a twice: pair (x-1, a) counts 4 times, the others 0
+    only = res[0].rescore(np.array([1, 1]), np.array([1, 1]))["SP-Net"]
+    assert only["sim_mse"] == pytest.approx((np.exp(-0.1 / 0.5) - 0.9) ** 2)
+    m = run_sp_net(cfg, t / "ev", t / "prep", t / "stats.json", dict(EVAL, bootstrap={"n": 50, "seed": 1, "level": 0.9}),
+                   t / "out", track=False, progress=False)
+    first = res[0].rows["SP-Net"]["image_valence_mse"]
+    assert m["rows"]["SP-Net"]["image_valence_mse"] == pytest.approx(first / 2, abs=1e-6)
+    assert m["rows_std"]["SP-Net"]["image_valence_mse"] == pytest.approx(np.std([first, 0.0], ddof=1), abs=1e-6)
+    assert m["seeds"]["n"] == 2 and m["bootstrap"]["resamples"] == 50
+    lo, hi = m["rows_ci"]["SP-Net"]["lo"]["sim_mse"], m["rows_ci"]["SP-Net"]["hi"]["sim_mse"]
+    assert 0 <= lo <= hi
+    reps, n, _ = bootstrap.load(t / "out" / "bootstrap.npz")
+    assert n == 50 and reps["SP-Net"]["sim_mse"].shape == (50,)
 
 
 def test_sp_net_refuses_a_split_mismatch_and_missing_predictions(tmp_path):
@@ -195,7 +232,9 @@ def test_comparison_rows_blanks_and_references(tmp_path):
     assert pd.isna(by.loc["CDCML ablation: Sim", "image_valence_mse"])
     assert pd.isna(by.loc["Emo-CLIM", "sim_mse"]) and by.loc["Emo-CLIM", "cls_i2m_p1"] == 0.5
     md = markdown(df, info, "t")
-    assert "embedded (generated) corpus" in md and "**0.0400**" in md  # the lower sim MSE is the best
+    assert "embedded (generated) corpus" in md and "0.0400" in md
+    # the lower sim MSE is not bold: without bootstrap resamples no difference is shown to exclude 0
+    assert "**" not in md.split("## Regression")[1].split("##")[0]
     assert "Emotion-class retrieval" in md and "CDCML ablation (table 4 layout" in md
     # reference rows from two sources must agree
     bad = _eval_metrics(sim_only, 0.045, mean_sim=0.07)

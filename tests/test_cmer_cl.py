@@ -135,6 +135,135 @@ def test_sequence_distances_are_exact_euclidean_distances():
     assert np.abs(cc.sequence_distances(pred.float(), true) - ref).max() < 1e-6
 
 
+def _old_ranks(d: np.ndarray) -> np.ndarray:
+    """The rank rule before the bootstrap (issue 14), written out: 1 + #{j != i: D_ij <= D_ii}."""
+    return 1 + ((d <= d.diagonal()[:, None]) & ~np.eye(len(d), dtype=bool)).sum(axis=1)
+
+
+def _scored_fixture(n: int = 12, seed: int = 0) -> dict[str, cc.Scored]:
+    """A CMER-CL-like divergence matrix with ties (rounded), and a RegMLP-like row from real sequences."""
+    rng = np.random.default_rng(seed)
+    div = np.round(rng.random((n, n)), 1)  # one decimal: many ties, also with the own candidate
+    true = torch.from_numpy(rng.random((n, 4, 2)))
+    pred = true + 0.2 * torch.from_numpy(rng.standard_normal((n, 4, 2)))
+    true_va = true.mean(1).numpy().astype(np.float32)  # the clip means, float32 as data.va gives them
+    return {
+        "CMER-CL": cc.Scored(div),
+        "RegMLP": cc.Scored(cc.sequence_distances(pred, true), pred.mean(1).numpy(), true_va),
+    }
+
+
+def test_identity_resample_reproduces_the_rows():
+    from imem.methods.base import regression_columns
+
+    scored = _scored_fixture()
+    n = len(scored["CMER-CL"].dist)
+    got = cc.make_rescore(scored)(np.arange(n), np.arange(0))
+    assert list(got) == ["CMER-CL", "RegMLP"]
+    for label, s in scored.items():
+        want = {}
+        for short, d in (("m2e", s.dist), ("e2m", s.dist.T)):
+            r = _old_ranks(d).astype(float)
+            want.update(
+                {
+                    f"{short}_mrr": np.mean(1 / r),
+                    f"{short}_avg_rank": r.mean(),
+                    f"{short}_median_rank": np.median(r),
+                }
+            )
+        if s.pred_va is not None:
+            want.update(regression_columns({"music": s.pred_va}, {"music": s.true_va}))
+        assert list(got[label]) == list(want), label  # same columns, same order
+        assert got[label] == pytest.approx(want, abs=1e-9, rel=0), label
+        assert got[label] == cc.retrieval_columns(s.dist) | {k: v for k, v in want.items() if "music" in k}
+    # the ties are real: some own candidates share their distance with another one
+    d = scored["CMER-CL"].dist
+    assert ((d == d.diagonal()[:, None]) & ~np.eye(n, dtype=bool)).any()
+
+
+def test_resample_with_a_duplicated_and_a_dropped_clip_hand_worked():
+    d = np.array(
+        [
+            [0.3, 0.1, 0.5, 0.3],
+            [0.2, 0.6, 0.4, 0.9],
+            [0.4, 0.2, 0.2, 0.1],
+            [0.8, 0.7, 0.6, 0.5],
+        ]
+    )
+    ci = np.array([0, 2, 2, 3])  # clip 1 dropped, clip 2 drawn twice
+    # materialised by hand: D[p, q] = d[ci[p], ci[q]]; relevant where the two positions are the same clip
+    dd = np.array(
+        [
+            [0.3, 0.5, 0.5, 0.3],
+            [0.4, 0.2, 0.2, 0.1],
+            [0.4, 0.2, 0.2, 0.1],
+            [0.8, 0.6, 0.6, 0.5],
+        ]
+    )
+    rel = np.array([[1, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]], dtype=bool)
+    assert np.array_equal(d[np.ix_(ci, ci)], dd)
+    # music -> emotion (rows): m0 own 0.3, the tie 0.3 of e3 counts against it: rank 2; both copies of m2:
+    # own 0.2 (the other copy of e2 is relevant, not a competitor), e3's 0.1 is closer: rank 2; m3: rank 1
+    assert cc.ranks_from_distances(dd, rel).tolist() == [2, 2, 2, 1]
+    # emotion -> music (columns): e0 own 0.3, nothing <= 0.3: 1; both e2 copies own 0.2: 1; e3 own 0.5,
+    # m0 0.3 and both m2 copies 0.1 are closer: rank 4
+    assert cc.ranks_from_distances(dd.T, rel.T).tolist() == [1, 1, 1, 4]
+    want = {
+        "m2e_mrr": (3 * 0.5 + 1) / 4,
+        "m2e_avg_rank": 7 / 4,
+        "m2e_median_rank": 2.0,
+        "e2m_mrr": (3 + 0.25) / 4,
+        "e2m_avg_rank": 7 / 4,
+        "e2m_median_rank": 1.0,
+    }
+    assert cc.retrieval_columns(d, ci) == pytest.approx(want, abs=1e-12)
+    got = cc.make_rescore({"CMER-CL": cc.Scored(d)})(ci, np.array([5, 5, 1]))  # image draws are ignored
+    assert got == {"CMER-CL": pytest.approx(want, abs=1e-12)}
+    # counting the second copy of the own sequence as a competitor would have given m2 rank 3
+    with pytest.raises(ImemError, match="relevance mask"):
+        cc.ranks_from_distances(dd, np.zeros_like(rel))
+
+
+def _brute_force_rank(distances: list[float], relevant: list[bool]) -> int:
+    """Candidates sorted by distance, an irrelevant one before a relevant one at equal distance (ties count
+    against the query): the 1-based position of the first relevant."""
+    order = sorted(range(len(distances)), key=lambda j: (distances[j], relevant[j]))
+    return next(pos for pos, j in enumerate(order, start=1) if relevant[j])
+
+
+def test_resample_matches_brute_force_on_materialised_arrays():
+    scored = _scored_fixture(n=12, seed=3)
+    ci = np.array([7, 0, 3, 3, 3, 9, 11, 0, 5, 2, 10])  # 1, 4, 6, 8 dropped; 0 twice, 3 three times; unsorted
+    got = cc.make_rescore(scored)(ci, np.arange(4))
+    for label, s in scored.items():
+        m = len(ci)
+        dd = [[float(s.dist[ci[p], ci[q]]) for q in range(m)] for p in range(m)]
+        rel = [[bool(ci[p] == ci[q]) for q in range(m)] for p in range(m)]
+        m2e = [_brute_force_rank(dd[p], rel[p]) for p in range(m)]
+        e2m = [
+            _brute_force_rank([dd[p][q] for p in range(m)], [rel[p][q] for p in range(m)]) for q in range(m)
+        ]
+        want = {}
+        for short, r in (("m2e", m2e), ("e2m", e2m)):
+            want.update(
+                {
+                    f"{short}_mrr": sum(1 / x for x in r) / m,
+                    f"{short}_avg_rank": sum(r) / m,
+                    f"{short}_median_rank": float(sorted(r)[m // 2]),
+                }
+            )  # m odd: the middle one
+        if s.pred_va is not None:
+            for j, dim in enumerate(("valence", "arousal")):
+                err = [float(s.pred_va[i, j]) - float(s.true_va[i, j]) for i in ci]
+                want[f"music_{dim}_mse"] = sum(e * e for e in err) / m
+                want[f"music_{dim}_mae"] = sum(abs(e) for e in err) / m
+        assert set(got[label]) == set(want), label
+        assert got[label] == pytest.approx(want, abs=1e-9, rel=0), label
+    # the resample changes the numbers (it is not the identity in disguise)
+    full = cc.make_rescore(scored)(np.arange(12), np.arange(0))
+    assert got["CMER-CL"]["m2e_avg_rank"] != full["CMER-CL"]["m2e_avg_rank"]
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
 def test_chance_formulas_match_brute_force_over_permutations(n):
     ch = cc.chance_columns(n)
@@ -291,30 +420,66 @@ def test_sequences_of_the_prepared_clips_average_to_their_labels(synth):
 
 
 @pytest.fixture(scope="module")
-def runs(synth):
+def fitted():
+    """The MethodResults of ``runs`` (captured around cc.fit_evaluate: run_method only returns metrics)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def runs(synth, fitted):
     from imem.methods.base import run_method
     from imem.params import section
 
     ev = dict(section("evaluate"), split="test")
     memo, out, threads = {}, [], torch.get_num_threads()
-    for i in range(2):
-        m = run_method(
-            "cmer_cl",
-            _methods(synth),
-            ev,
-            synth / "prepare",
-            synth / "features",
-            synth / "rep" / "stats.json",
-            synth / f"models{i}",
-            synth / f"reports{i}",
-            train_encoders=section("train")["encoders"],
-            track=False,
-            progress=False,
-            memo=memo,
-        )
-        out.append((m, synth / f"models{i}", synth / f"reports{i}"))
-        assert torch.get_num_threads() == threads  # cpu_threads is restored after the run
+    fit = cc.fit_evaluate
+
+    def capture(cfg, data, ctx):
+        fitted.append(fit(cfg, data, ctx))
+        return fitted[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cc, "fit_evaluate", capture)  # run_method calls the module's attribute
+        for i in range(2):
+            m = run_method(
+                "cmer_cl",
+                _methods(synth),
+                ev,
+                synth / "prepare",
+                synth / "features",
+                synth / "rep" / "stats.json",
+                synth / f"models{i}",
+                synth / f"reports{i}",
+                train_encoders=section("train")["encoders"],
+                track=False,
+                progress=False,
+                memo=memo,
+            )
+            out.append((m, synth / f"models{i}", synth / f"reports{i}"))
+            assert torch.get_num_threads() == threads  # cpu_threads is restored after the run
     return out
+
+
+@pytest.mark.slow
+def test_identity_resample_of_a_trained_run_reproduces_its_rows(runs, fitted, synth):
+    """The rescore closure of a real run: the identity resample gives the reported rows (chance row excepted),
+    and run_method's bootstrap got every column of every model row."""
+    from imem import bootstrap
+
+    m, _, report_dir = runs[0]
+    result = fitted[0]
+    n = len(pd.read_csv(synth / "prepare" / "test" / "clips.csv"))
+    got = result.rescore(np.arange(n), np.arange(0))
+    want = {k: v for k, v in result.rows.items() if k != CHANCE_ROW}
+    assert list(got) == ["CMER-CL", "RegMLP", "RegBiGRU"]
+    for label, row in want.items():
+        assert list(got[label]) == list(row), label
+        assert got[label] == pytest.approx(row, abs=1e-9, rel=0), label
+        assert m["rows"][label] == pytest.approx(row, abs=1e-6), label
+    reps, n_rep, _ = bootstrap.load(report_dir / "bootstrap.npz")
+    assert n_rep >= 1 and set(reps) == set(want)
+    for label, row in want.items():
+        assert set(reps[label]) == set(row) and all(np.isfinite(v).all() for v in reps[label].values()), label
 
 
 @pytest.mark.slow
@@ -372,8 +537,9 @@ def test_reported_retrieval_is_that_of_the_saved_models(runs, synth):
     state = torch.load(model_dir / "model.pt", weights_only=False)
     cfg = state["settings"]
     data = load_data(synth / "prepare", synth / "features", synth / "rep" / "stats.json")
-    feats = cc._standardise(*(data.frozen("music", cfg["music_encoder"], cfg["seed"], s, progress=False).float()
-                              for s in SPLITS))[SPLITS.index("test")]
+    feats = cc._standardise(
+        *(data.frozen("music", cfg["music_encoder"], cfg["seed"], s, progress=False).float() for s in SPLITS)
+    )[SPLITS.index("test")]
     seqs = torch.from_numpy(cc.emotion_sequences(cfg, data)["test"])
     t = seqs.shape[1]
     music = cc.MusicEncoder(feats.shape[1], cfg["music_hidden"], cfg["embed_dim"], cfg["dropout"])
@@ -395,10 +561,20 @@ def train_run(synth):
     from imem.methods.base import run_method
     from imem.params import section
 
-    return run_method("cmer_cl", _methods(synth), dict(section("evaluate"), split="train"), synth / "prepare",
-                      synth / "features", synth / "rep" / "stats.json", synth / "models_train",
-                      synth / "reports_train", train_encoders=section("train")["encoders"], track=False,
-                      progress=False, memo={})
+    return run_method(
+        "cmer_cl",
+        _methods(synth),
+        dict(section("evaluate"), split="train"),
+        synth / "prepare",
+        synth / "features",
+        synth / "rep" / "stats.json",
+        synth / "models_train",
+        synth / "reports_train",
+        train_encoders=section("train")["encoders"],
+        track=False,
+        progress=False,
+        memo={},
+    )
 
 
 @pytest.mark.slow
@@ -409,7 +585,9 @@ def test_cmer_cl_and_regmlp_fit_the_train_split_beyond_chance(train_run):
     chance H_68 / 68 = 0.071; mean ranks 14-20 and 10-17 against 34.5."""
     rows = train_run["rows"]
     chance = rows[CHANCE_ROW]
-    assert train_run["N"] == 68 and chance["m2e_mrr"] == pytest.approx(cc.chance_columns(68)["m2e_mrr"], abs=1e-6)
+    assert train_run["N"] == 68 and chance["m2e_mrr"] == pytest.approx(
+        cc.chance_columns(68)["m2e_mrr"], abs=1e-6
+    )
     for label in ("CMER-CL", "RegMLP"):
         assert rows[label]["m2e_mrr"] > 1.5 * chance["m2e_mrr"], label
         assert rows[label]["m2e_avg_rank"] < 0.75 * chance["m2e_avg_rank"], label

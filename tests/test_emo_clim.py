@@ -178,6 +178,169 @@ def test_settings_fill_defaults_and_refuse_bad_values():
         assert "\n" not in str(e.value)
 
 
+# --- bootstrap rescoring (issue 14) ---------------------------------------------------------------------
+
+class StubData:
+    """What :func:`emo_clim.fit_evaluate` reads of a :class:`MethodData`, without a feature store: split
+    tables with emotions and VA, class-informative stand-in backbone features, and the true S."""
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        img_emo = list(IMAGE_TO_MUSIC_EMOTION)  # excitement .. fear
+        mus_emo = list(IMAGE_TO_MUSIC_EMOTION.values())  # exciting .. scary
+        # test: an image outside the six classes (awe: dropped), "fear" images but no "scary" clip (skipped
+        # i2m queries), a clip outside the six classes (tender: dropped)
+        emotions = {"train": (img_emo * 5, mus_emo * 6), "val": (img_emo * 2, mus_emo * 2),
+                    "test": (img_emo[:5] * 2 + ["awe", "fear", "fear"], mus_emo[:5] * 3 + ["tender"])}
+        self.images, self.clips, self._x = {}, {}, {}
+        proto = {side: rng.normal(size=(len(emo_clim.CLASSES), 12)) for side in ("image", "music")}
+        for split, (ie, me) in emotions.items():
+            for side, emo, store in (("image", ie, self.images), ("music", me, self.clips)):
+                t = pd.DataFrame({"emotion": emo, "valence": rng.uniform(-1, 1, len(emo)),
+                                  "arousal": rng.uniform(-1, 1, len(emo))})
+                store[split] = t
+                codes = emo_clim.class_codes(t, side, split)
+                x = proto[side][np.maximum(codes, 0)] + 0.7 * rng.normal(size=(len(t), 12))
+                self._x[side, split] = torch.tensor(x, dtype=torch.float32)
+
+    def frozen(self, side, spec, seed, split, device="cpu", progress=True):
+        return self._x[side, split].clone()
+
+    def truth(self, split):
+        from imem.data.pairs import similarity_matrix
+
+        va = [t[split][["valence", "arousal"]].to_numpy(np.float32).copy() for t in (self.clips, self.images)]
+        return similarity_matrix(*va, sigma=1.0)
+
+
+@pytest.fixture(scope="module")
+def stub_result():
+    from imem.methods.base import RunContext
+
+    cfg = {"seed": 3, "n_seeds": 2, "device": "cpu", "image_encoder": {}, "music_encoder": {}, "epochs": 2,
+           "batch_size": 8, "hidden": 16, "proj_dim": 8}
+    data = StubData()
+    return emo_clim.fit_evaluate(cfg, data, RunContext(split="test", progress=False)), data
+
+
+def test_rescore_of_the_identity_resample_reproduces_the_rows(stub_result):
+    result, data = stub_result
+    assert result.rescore is not None and result.notes["skipped_i2m_queries"] == 2
+    n_clips, n_images = len(data.clips["test"]), len(data.images["test"])
+    got = result.rescore(np.arange(n_clips), np.arange(n_images))
+    want = {k: v for k, v in result.rows.items() if k != CHANCE_ROW}
+    assert list(got) == list(want) == [emo_clim.LABEL]
+    assert list(got[emo_clim.LABEL]) == list(want[emo_clim.LABEL])  # the same columns, cls_* and *_emb_*
+    assert len(want[emo_clim.LABEL]) == 16
+    assert got[emo_clim.LABEL] == pytest.approx(want[emo_clim.LABEL], abs=1e-9)
+    # a real resample: other values, the same columns, all finite here
+    other = result.rescore(np.repeat(np.arange(n_clips), 1 + np.arange(n_clips) % 2), np.arange(1, n_images))
+    assert list(other[emo_clim.LABEL]) == list(want[emo_clim.LABEL])
+    assert all(math.isfinite(v) for v in other[emo_clim.LABEL].values())
+    assert other[emo_clim.LABEL] != pytest.approx(want[emo_clim.LABEL], abs=1e-9)
+
+
+def hand_arrays(seed: int = 7):
+    """Scores, true S and class codes of a split of 8 clips and 7 images (-1: an item outside the classes;
+    image class 4 has no clip: skipped i2m queries; clip class 3 no image: a skipped m2i query)."""
+    from imem.data.pairs import similarity_matrix
+
+    rng = np.random.default_rng(seed)
+    clip_cls = np.array([0, 1, 1, 2, -1, 0, 3, 1])
+    image_cls = np.array([0, 1, 2, -1, 4, 1, 0])
+    scores = rng.uniform(0, 1, (8, 7))
+    scores[:, 6] = scores[:, 0]  # tied candidates: ranked in candidate order
+    truth = similarity_matrix(rng.uniform(-1, 1, (8, 2)), rng.uniform(-1, 1, (7, 2)), 0.8).astype(np.float64)
+    return scores, truth, image_cls, clip_cls
+
+
+def loop_class_metrics(scores, query_cls, cand_cls):
+    """P@1, P@5 and MRR written out with loops: per query its candidates sorted by score (ties: candidate
+    order), per class the mean over its queries, then the mean over classes (queries without a same-class
+    candidate left out)."""
+    per_class = {}
+    for q, yq in enumerate(query_cls):
+        if yq not in set(cand_cls):
+            continue
+        ranked = sorted(range(len(cand_cls)), key=lambda c: (-scores[q][c], c))
+        rel = [cand_cls[c] == yq for c in ranked]
+        per_class.setdefault(yq, []).append((sum(rel[:1]) / 1, sum(rel[:5]) / 5, 1 / (rel.index(True) + 1)))
+    means = [np.mean(v, axis=0) for v in per_class.values()]
+    return dict(zip(("p1", "p5", "mrr"), np.mean(means, axis=0), strict=True))
+
+
+def test_rescore_of_a_resample_with_duplicates_equals_brute_force():
+    from imem.metrics import retrieval
+
+    scores, truth, image_cls, clip_cls = hand_arrays()
+    thr, k = 0.7, 10
+    full, skipped = emo_clim.resample_row(scores, truth, image_cls, clip_cls, np.arange(8), np.arange(7), thr, k)
+    assert skipped == {"i2m": 1, "m2i": 1}
+    rescore = emo_clim.rescorer(scores, truth, image_cls, clip_cls, thr, k, list(full))
+    # clip 1 and image 2 dropped (image class 2 leaves the i2m queries: their macro average is over classes
+    # 0 and 1), clips 0 and 3, images 1 and 6 drawn twice, clip 6 (its class 3 only) dropped, the unclassed
+    # clip 4 and image 3 kept; an unsorted draw
+    ci = np.array([3, 0, 0, 2, 3, 4, 5, 7])
+    ii = np.array([6, 0, 1, 1, 3, 4, 5, 6])
+    got = rescore(ci, ii)[emo_clim.LABEL]
+    assert list(got) == list(full)
+
+    # materialised by hand: the drawn clips x drawn images, their classes
+    S = np.array([[scores[c][i] for i in ii] for c in ci])
+    T = np.array([[truth[c][i] for i in ii] for c in ci])
+    yc, yi = np.array([clip_cls[c] for c in ci]), np.array([image_cls[i] for i in ii])
+    qc, qi = [j for j in range(len(ci)) if yc[j] >= 0], [j for j in range(len(ii)) if yi[j] >= 0]
+    i2m, skip_i2m = class_retrieval(S.T[qi][:, qc], yi[qi], yc[qc])
+    m2i, skip_m2i = class_retrieval(S[qc][:, qi], yc[qc], yi[qi])
+    # skipped: the class-4 image; the two draws of clip 3, whose class 2 left with image 2
+    assert (skip_i2m, skip_m2i) == (1, 2) and len(np.unique(yi[qi])) == 3
+    want = {**{f"cls_i2m_{m}": v for m, v in i2m.items()}, **{f"cls_m2i_{m}": v for m, v in m2i.items()}}
+    for short, s, t in (("m2i", S, T), ("i2m", S.T, T.T)):
+        m = retrieval(s, t, thr, k_ndcg=k)
+        want.update({f"{short}_emb_{n}": m[n] for n in ("ndcg10", "r1", "r5", "r10", "mrr")})
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got != pytest.approx(full, abs=1e-6)  # the resample does change the values
+    # and the class columns against plain loops
+    loops = loop_class_metrics(S.T[qi][:, qc], yi[qi], yc[qc])
+    assert [got[f"cls_i2m_{m}"] for m in ("p1", "p5", "mrr")] == pytest.approx(list(loops.values()), abs=1e-12)
+    loops = loop_class_metrics(S[qc][:, qi], yc[qc], yi[qi])
+    assert [got[f"cls_m2i_{m}"] for m in ("p1", "p5", "mrr")] == pytest.approx(list(loops.values()), abs=1e-12)
+
+
+def test_rescore_gives_nan_where_a_resample_leaves_a_metric_undefined():
+    scores, truth, image_cls, clip_cls = hand_arrays()
+    full, _ = emo_clim.resample_row(scores, truth, image_cls, clip_cls, np.arange(8), np.arange(7), 0.7, 10)
+    rescore = emo_clim.rescorer(scores, truth, image_cls, clip_cls, 0.7, 10, list(full))
+    # only the class-4 image, twice: no i2m query has a same-class clip, no clip's class is among the images
+    got = rescore(np.arange(8), np.array([4, 4]))[emo_clim.LABEL]
+    assert list(got) == list(full)
+    assert all(math.isnan(v) for c, v in got.items() if c.startswith("cls_"))
+    # one clip: the matching columns need two candidates each way (metrics.retrieval); the class columns
+    # are defined, as on the full split, with one candidate (the class-1 images rank clip 2 first)
+    got = rescore(np.array([2]), np.arange(7))[emo_clim.LABEL]
+    assert list(got) == list(full)
+    assert all(math.isnan(v) for c, v in got.items() if "_emb_" in c)
+    assert [got[f"cls_i2m_{m}"] for m in ("p1", "p5", "mrr")] == pytest.approx([1.0, 0.2, 1.0])
+    assert all(math.isfinite(got[f"cls_m2i_{m}"]) for m in ("p1", "p5", "mrr"))
+
+
+def test_rescore_time_on_a_test_split_sized_draw():
+    """195 clips x 72 images, the embedded corpus's test split: one resample well under ~30 ms (generous
+    bound here: the machine may be busy)."""
+    import time
+
+    rng = np.random.default_rng(0)
+    scores, truth = rng.uniform(size=(195, 72)), rng.uniform(0.3, 1.0, size=(195, 72))
+    clip_cls, image_cls = rng.integers(0, 5, 195), rng.integers(0, 6, 72)
+    full, _ = emo_clim.resample_row(scores, truth, image_cls, clip_cls, np.arange(195), np.arange(72), 0.7, 10)
+    rescore = emo_clim.rescorer(scores, truth, image_cls, clip_cls, 0.7, 10, list(full))
+    draws = [(np.sort(rng.integers(0, 195, 195)), np.sort(rng.integers(0, 72, 72))) for _ in range(20)]
+    t0 = time.perf_counter()
+    for ci, ii in draws:
+        rescore(ci, ii)
+    assert (time.perf_counter() - t0) / len(draws) < 0.25
+
+
 # --- a short training run on the embedded corpus -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -190,7 +353,7 @@ def runs(tmp_path_factory):
     methods = {"common": {"seed": 1, "device": "cpu", "image_encoder": "resnet18", "music_encoder": "resnet18"},
                "emo_clim": {"epochs": 3, "batch_size": 16, "lr": 1e-3}}
     # scored on train: the fixture's test split (7 images, 13 clips of two classes) is too small to show learning
-    ev = dict(section("evaluate"), split="train")
+    ev = dict(section("evaluate"), split="train", bootstrap={"n": 50, "seed": 2026, "level": 0.95})
     memo, out, threads = {}, [], torch.get_num_threads()
     for i in range(2):
         m = run_method("emo_clim", methods, ev, tmp / "prepare", tmp / "features", tmp / "rep" / "stats.json",
@@ -228,6 +391,14 @@ def test_training_run_writes_valid_outputs_and_learns(runs):
     assert m["skipped_m2i_queries"] == int((~clip_cls.isin(set(image_cls))).sum())
     state = torch.load(model_dir / "model.pt", weights_only=False)
     assert state["image_head"]["net.3.weight"].shape == (128, 256)
+    # bootstrap intervals for the model's row (not the chance row), every column, from the rescore closure
+    from imem import bootstrap
+
+    assert m["bootstrap"]["resamples"] == 50 and list(m["rows_ci"]) == ["Emo-CLIM"]
+    reps, n, _ = bootstrap.load(report_dir / "bootstrap.npz")
+    assert n == 50 and list(reps) == ["Emo-CLIM"] and set(reps["Emo-CLIM"]) == set(model)
+    lo, hi = m["rows_ci"]["Emo-CLIM"]["lo"], m["rows_ci"]["Emo-CLIM"]["hi"]
+    assert set(lo) == set(hi) == set(model) and all(lo[c] <= hi[c] for c in lo)
 
 
 @pytest.mark.slow

@@ -300,6 +300,11 @@ def test_training_run_writes_valid_outputs_and_learns(runs):
     assert all(k.split(".")[0] in ("proj", "va", "sim") or k.startswith(("mean_", "std_")) for k in state["net"])
     assert state["net"]["proj.text.0.weight"].shape == (32, 384)  # the caption encoder's weights are not saved
     assert state["config"]["loss_weights"] == {"sim": 1.0, "va_image": 1.0, "va_music": 1.0, "va_text": 1.0}
+    # run_method bootstrapped the MMVA row through its rescore (not the chance row)
+    assert list(m["rows_ci"]) == ["MMVA"] and (report_dir / "bootstrap.npz").is_file()
+    lo, hi = m["rows_ci"]["MMVA"]["lo"], m["rows_ci"]["MMVA"]["hi"]
+    assert {"sim_mse", "music_valence_mse", "m2i_sim_r1", "i2m_emb_mrr", "t2m_r10"} <= set(lo) == set(hi) <= set(model)
+    assert all(lo[c] <= hi[c] for c in lo)
 
 
 @pytest.mark.slow
@@ -325,3 +330,130 @@ def test_training_run_with_va_relevance_and_cls_pooling(runs):
     assert m["rows"][CHANCE_ROW]["t2m_r1"] == pytest.approx(mmva.t2m_chance(rel)["t2m_r1"], abs=1e-6)
     assert m["rows"][CHANCE_ROW]["t2m_r1"] > 1 / len(rel)  # more than the own clip is relevant
     assert m["rows"]["MMVA"] != out[0][0]["rows"]["MMVA"]
+
+
+# --- scoring and the bootstrap rescore ---------------------------------------------------------------------
+
+def _scored_split(t2m_relevance="own", n_songs=8, clips_per_song=3, n_images=12, seed=0):
+    """A small untrained MMVANet (real forward passes) scored on a synthetic split through ``evaluate``:
+    (data, ctx, feats, net, evaluate's output). Clips of a song get close VA, as on the corpus."""
+    from imem.data.pairs import similarity
+    from imem.methods.base import MethodData, RunContext
+
+    rng = np.random.default_rng(seed)
+    n_clips = n_songs * clips_per_song
+    song_va = rng.uniform(0.1, 0.9, (n_songs, 2))
+    clip_va = np.clip(np.repeat(song_va, clips_per_song, axis=0) + rng.normal(0, 0.03, (n_clips, 2)), 0, 1)
+    image_va = rng.uniform(0, 1, (n_images, 2))
+    clips = pd.DataFrame({"clip_id": [f"c{i}" for i in range(n_clips)],
+                          "song_id": [f"s{i // clips_per_song}" for i in range(n_clips)],
+                          "valence": clip_va[:, 0], "arousal": clip_va[:, 1]})
+    images = pd.DataFrame({"image_id": [f"i{i}" for i in range(n_images)],
+                           "valence": image_va[:, 0], "arousal": image_va[:, 1]})
+    ci = np.repeat(np.arange(n_clips), 3)  # each clip with 3 images, as pairs.csv samples them
+    ii = np.concatenate([rng.choice(n_images, 3, replace=False) for _ in range(n_clips)])
+    sigma = 0.3
+    va32 = {"music": clip_va.astype(np.float32), "image": image_va.astype(np.float32)}
+    score = similarity(np.linalg.norm(va32["image"][ii].astype(np.float64) - va32["music"][ci], axis=1), sigma)
+    pairs = pd.DataFrame({"clip_id": clips["clip_id"].to_numpy()[ci], "image_id": images["image_id"].to_numpy()[ii],
+                          "score": score, "clip_idx": ci, "image_idx": ii})
+    data = MethodData(None, None, sigma, {"test": clips}, {"test": images}, {"test": pairs})
+    ctx = RunContext(split="test", relevance_threshold=0.7, ndcg_k=10, progress=False)
+    torch.manual_seed(seed)
+    dims = {"image": 16, "music": 12, "text": 12}
+    feats = {"image": torch.randn(n_images, 16), "music": torch.randn(n_clips, 12)}
+    feats["text"] = feats["music"] + 0.3 * torch.randn(n_clips, 12)  # a caption "describes" its clip
+    net = mmva.MMVANet(dims, 8, [8], 0.0).eval()
+    net.proj["text"].load_state_dict(net.proj["music"].state_dict())  # so a caption's predicted VA is near
+    net.va["text"].load_state_dict(net.va["music"].state_dict())      # its clip's: own clips rank high
+    cfg = mmva.config({"seed": 1, "t2m_relevance": t2m_relevance})
+    return data, ctx, feats, net, mmva.evaluate(net, cfg, data, ctx, {"x": feats})
+
+
+def test_rescore_on_the_identity_resample_reproduces_the_rows():
+    data, _, _, _, ev = _scored_split()
+    rows = ev["rows"]
+    assert list(rows) == ["MMVA", CHANCE_ROW]
+    full = ev["rescore"](np.arange(len(data.clips["test"])), np.arange(len(data.images["test"])))
+    assert list(full) == ["MMVA"]  # not the chance row
+    assert list(full["MMVA"]) == list(rows["MMVA"])  # the same columns, in the same order
+    assert full["MMVA"] == pytest.approx(rows["MMVA"], abs=1e-9, nan_ok=False)
+    assert all(math.isfinite(v) for v in rows["MMVA"].values())
+
+
+def _brute_force_row(data, ctx, feats, net, cfg_relevance, ci, ii):
+    """The resampled split materialised by hand (an item drawn k times is k items, with their own copies of
+    every input), run through the network and the plain metric functions."""
+    from imem.data.pairs import similarity_matrix
+    from imem.methods.base import matching_columns
+    from imem.metrics import regression
+
+    clip_va, image_va = data.va("music", "test"), data.va("image", "test")
+    ids = data.clips["test"]["clip_id"].to_numpy()
+    pairs = data.pairs["test"]
+    # the resample's pairs: every (copy of a clip, copy of an image) that is a pair of the split
+    pair_set = {(c, i): s for c, i, s in zip(pairs["clip_idx"], pairs["image_idx"], pairs["score"], strict=True)}
+    mat_pred, mat_true = [], []
+    x = {"image": feats["image"][ii], "music": feats["music"][ci], "text": feats["text"][ci]}
+    with torch.no_grad():
+        emb = mmva._embed_items(net, x)
+        va = {s: v.double().numpy() for s, v in mmva._predict_va(net, emb).items()}
+        sim = np.array([[float(net.predict_sim(emb["image"][b:b + 1], emb["music"][a:a + 1], emb["text"][a:a + 1]))
+                         for b in range(len(ii))] for a in range(len(ci))])
+    for a, c in enumerate(ci):
+        for b, i in enumerate(ii):
+            if (c, i) in pair_set:
+                mat_pred.append(sim[a, b])
+                mat_true.append(pair_set[(c, i)])
+    row = {f"sim_{k}": v for k, v in regression(np.array(mat_pred), np.array(mat_true)).items()}
+    row["music_valence_mse"] = regression(va["music"][:, 0], clip_va[ci, 0])["mse"]
+    truth = similarity_matrix(clip_va[ci], image_va[ii], data.sigma)
+    row.update(matching_columns(sim, truth, "sim", ctx.relevance_threshold, ctx.ndcg_k))
+    row.update(matching_columns(-np.linalg.norm(va["music"][:, None] - va["image"][None], axis=2), truth, "emb",
+                                ctx.relevance_threshold, ctx.ndcg_k))
+    t2m = -np.linalg.norm(va["text"][:, None] - va["music"][None], axis=2)
+    if cfg_relevance == "own":  # by identity: every copy of the caption's own clip
+        rel = np.array([[ids[a] == ids[b] for b in ci] for a in ci])
+    else:
+        rel = similarity_matrix(clip_va[ci], clip_va[ci], data.sigma) > ctx.relevance_threshold
+    row.update(mmva.t2m_metrics(t2m, rel))
+    return row
+
+
+@pytest.mark.parametrize("relevance", ["own", "va"])
+def test_rescore_with_duplicates_equals_the_materialised_resample(relevance):
+    data, ctx, feats, net, ev = _scored_split(relevance)
+    n_clips, n_images = len(data.clips["test"]), len(data.images["test"])
+    # song 2 drawn twice (its 3 clips twice), song 5 not drawn; clip order as a Plan gives it (table order)
+    counts = np.ones(n_clips, int)
+    counts[6:9], counts[15:18] = 2, 0
+    ci = np.repeat(np.arange(n_clips), counts)
+    img = np.ones(n_images, int)
+    img[3], img[7], img[10] = 3, 0, 0
+    ii = np.repeat(np.arange(n_images), img)
+    got = ev["rescore"](ci, ii)["MMVA"]
+    assert set(got) == set(ev["rows"]["MMVA"])
+    brute = _brute_force_row(data, ctx, feats, net, relevance, ci, ii)
+    for col in ("sim_mse", "sim_mae", "music_valence_mse", "m2i_sim_ndcg10", "m2i_sim_r5", "i2m_sim_mrr",
+                "m2i_emb_ndcg10", "i2m_emb_r1", "i2m_emb_mrr", "t2m_r1", "t2m_r5", "t2m_map10"):
+        assert got[col] == pytest.approx(brute[col], abs=1e-7), col  # float32 forward passes: ~1e-9
+    assert got != ev["rows"]["MMVA"]  # the resample changes the numbers
+    # the same resample in another order: the same row (order only breaks exact ties)
+    perm = np.random.default_rng(1).permutation(len(ii))
+    assert ev["rescore"](ci, ii[perm])["MMVA"]["sim_mse"] == pytest.approx(got["sim_mse"], abs=1e-12)
+
+
+def test_rescore_returns_nan_where_a_resample_leaves_a_metric_undefined():
+    data, _, _, _, ev = _scored_split()
+    pairs = data.pairs["test"]
+    ci = np.array([0, 1, 2, 0, 1, 2])  # one song, drawn twice
+    unpaired = sorted(set(range(len(data.images["test"]))) - set(pairs.loc[pairs["clip_idx"] < 3, "image_idx"]))
+    assert len(unpaired) >= 2
+    row = ev["rescore"](ci, np.array(unpaired))["MMVA"]
+    assert math.isnan(row["sim_mse"]) and math.isnan(row["sim_mae"])  # no pair of the split was drawn
+    assert math.isfinite(row["music_valence_mse"]) and math.isfinite(row["t2m_r1"])
+    assert row["t2m_r5"] == 1.0  # own: both copies of a clip are relevant, so 2 of 6 candidates: always in the top 5
+
+
+def test_config_accepts_the_common_n_seeds():
+    assert mmva.config({"seed": 1, "n_seeds": 3})["n_seeds"] == 3

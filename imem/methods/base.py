@@ -33,6 +33,7 @@ from imem.data.pairs import similarity_matrix
 from imem.errors import ImemError
 from imem.features.store import FeatureStore
 from imem.io import atomic_dir, write_csv, write_json, write_text
+from imem.runtime import torch_threads  # noqa: F401 -- the methods' thread pinning (re-exported)
 
 CORPUS_LABEL = "embedded (generated) corpus"
 SPLITS = ("train", "val", "test")
@@ -91,6 +92,9 @@ class MethodData:
     images: dict[str, pd.DataFrame]
     pairs: dict[str, pd.DataFrame]
     memo: object | None = None  # frozen-backbone cache shared with the train stage (imem.features.frozen)
+    # the seed every frozen backbone is built with, whatever training seed asks (set by run_method: the
+    # backbones stand in for pretrained weights, the same for every training seed)
+    backbone_seed: int | None = None
     _frozen: dict = field(default_factory=dict)
 
     def va(self, side: str, split: str) -> np.ndarray:
@@ -111,6 +115,7 @@ class MethodData:
         are pooled: ``mean`` over tokens or ``cls`` (the first token)."""
         from imem.training import Inputs, _device, backbone_cache, cache_key
 
+        seed = self.backbone_seed if self.backbone_seed is not None else seed
         key = (side, json.dumps(spec, sort_keys=True), int(seed), pool)
         if key not in self._frozen:
             from imem.models.encoders import build_backbone
@@ -197,7 +202,7 @@ def matching_columns(scores_m2i: np.ndarray, truth: np.ndarray, scorer: str, thr
         raise ImemError(f"scorer {scorer!r} is not one of: sim, emb")
     row = {}
     for short, s, t in (("m2i", scores_m2i, truth), ("i2m", scores_m2i.T, truth.T)):
-        m = retrieval(np.asarray(s, dtype=np.float64), t, threshold, k_ndcg=k_ndcg)
+        m = retrieval(np.asarray(s, dtype=np.float64), t, threshold, k_ndcg=k_ndcg, spearman=False)
         row.update({f"{short}_{scorer}_{name}": m[name] for name in (f"ndcg{k_ndcg}", "r1", "r5", "r10", "mrr")})
     return row
 
@@ -222,6 +227,9 @@ class MethodResult:
     history: list[dict]  # per epoch: {"epoch": n, "train/<loss>": .., "val/<loss>": ..}
     state: dict  # what models/methods/<name>/model.pt holds (state dicts, config); torch.save-able
     notes: dict = field(default_factory=dict)  # extra scalars/strings for metrics.json (best_epoch, ...)
+    # the rows (chance row excluded) recomputed on one bootstrap resample of the split: clip and image
+    # indices into ``data.clips[split]`` / ``data.images[split]``, repeated when drawn twice (imem.bootstrap)
+    rescore: Callable[[np.ndarray, np.ndarray], dict[str, dict[str, float]]] | None = None
 
 
 @dataclass
@@ -278,28 +286,79 @@ def run_method(name: str, methods_params: dict, eval_params: dict, prepare_dir: 
     if eval_params["split"] not in SPLITS:
         raise ImemError(f"params: evaluate.split {eval_params['split']!r} is not one of: {', '.join(SPLITS)}")
     model_dir, report_dir = Path(model_dir), Path(report_dir)
-    torch.manual_seed(int(cfg["seed"]))
-    np.random.seed(int(cfg["seed"]) % 2**32)
+    n_seeds = int(cfg.get("n_seeds", 1))
+    if n_seeds < 1:
+        raise ImemError(f"params: methods.common.n_seeds = {n_seeds}: must be an integer >= 1")
+    data.backbone_seed = int(cfg["seed"])
+    bs = dict(eval_params.get("bootstrap") or {"n": 1000, "seed": 2026, "level": 0.95})
     with (_tracking(name, cfg) if track else contextlib.nullcontext()):
-        ctx = RunContext(split=eval_params["split"], relevance_threshold=float(eval_params["relevance_threshold"]),
-                         ndcg_k=int(eval_params["ndcg_k"]), progress=progress,
-                         log=_mlflow_log if track else (lambda m, s: None))
         t0 = time.perf_counter()
-        result = mod.fit_evaluate(cfg, data, ctx)
-        check_result(name, result)
+        results, reps = [], []
+        for k in range(n_seeds):  # training seeds seed, seed + 1, ... (issue 14); the first one is logged per epoch
+            seed_k = int(cfg["seed"]) + k
+            torch.manual_seed(seed_k)
+            np.random.seed(seed_k % 2**32)
+            ctx = RunContext(split=eval_params["split"], relevance_threshold=float(eval_params["relevance_threshold"]),
+                             ndcg_k=int(eval_params["ndcg_k"]), progress=progress,
+                             log=_mlflow_log if (track and k == 0) else (lambda m, s: None))
+            result = mod.fit_evaluate(dict(cfg, seed=seed_k), data, ctx)
+            check_result(name, result)
+            results.append(result)
+            if result.rescore is not None:
+                reps.append(_bootstrap(data, ctx.split, result.rescore, bs, f"bootstrap {name} seed {seed_k}", progress))
+        rows, extra = seed_rows([r.rows for r in results], [int(cfg["seed"]) + k for k in range(n_seeds)])
+        boot = None
+        if reps:
+            from imem import bootstrap
+
+            labels = [lab for lab in reps[0][0] if all(lab in r[0] for r in reps)]
+            boot = ({lab: bootstrap.mean_over([r[0][lab] for r in reps]) for lab in labels}, reps[0][1])
+            extra["bootstrap"] = {"resamples": boot[1].n, "seed": boot[1].seed, "level": float(bs["level"]),
+                                  "units": "songs of the split (a song's clips together) and images, with replacement"}
+            extra["rows_ci"] = {lab: bootstrap.intervals(v, float(bs["level"])) for lab, v in boot[0].items()}
         metrics = {"method": name, "label": mod.LABEL, "split": ctx.split, "corpus": CORPUS_LABEL, "sigma": data.sigma,
-                   "relevance_threshold": ctx.relevance_threshold, **result.notes,
-                   "seconds": round(time.perf_counter() - t0, 1),
-                   "rows": {k: {c: round(float(v), 6) for c, v in row.items()} for k, row in result.rows.items()}}
-        write_reports(report_dir, {k: v for k, v in metrics.items() if k != "seconds"}, result.history,
-                      checkpoint=({**result.state, "config": cfg}, model_dir / "model.pt"))
+                   "relevance_threshold": ctx.relevance_threshold, **results[0].notes,
+                   "seconds": round(time.perf_counter() - t0, 1), "rows": rows, **extra}
+        seeds_extra = {int(cfg["seed"]) + k: r for k, r in enumerate(results) if k > 0}
+        write_reports(report_dir, {k: v for k, v in metrics.items() if k != "seconds"}, results[0].history,
+                      checkpoint=({**results[0].state, "config": cfg}, model_dir / "model.pt"), bootstrap_file=boot)
+        for seed_k, r in seeds_extra.items():
+            from imem.training import save
+
+            d = model_dir / "seeds" / str(seed_k)
+            save({**r.state, "config": dict(cfg, seed=seed_k, backbone_seed=int(cfg["seed"]))}, d / "model.pt")
+            write_csv(d / "history.csv", pd.DataFrame(r.history), float_format="%.6g")
         if track:
             _finish_run(metrics, model_dir, report_dir)
     return metrics
 
 
+def _bootstrap(data: MethodData, split: str, rescore, settings: dict, desc: str, progress: bool):
+    from imem import bootstrap
+
+    plan = bootstrap.make_plan(data.clips[split]["song_id"].to_numpy(), data.images[split]["image_id"].to_numpy(),
+                               int(settings["n"]), int(settings["seed"]))
+    return bootstrap.replicate(rescore, plan, desc=desc, progress=progress), plan
+
+
+def seed_rows(per_seed: list[dict[str, dict[str, float]]], seeds: list[int]) -> tuple[dict, dict]:
+    """Rows averaged over training seeds (a column only where every seed has it) and
+    ``{"seeds": {...}, "rows_std": {...}}`` (std with two or more seeds)."""
+    rows, std = {}, {}
+    for label in per_seed[0]:
+        cols = [c for c in per_seed[0][label] if all(c in r.get(label, {}) for r in per_seed)]
+        vals = {c: np.array([float(r[label][c]) for r in per_seed]) for c in cols}
+        rows[label] = {c: round(float(v.mean()), 6) for c, v in vals.items()}
+        if len(per_seed) > 1 and label != CHANCE_ROW:
+            std[label] = {c: round(float(v.std(ddof=1)), 6) for c, v in vals.items()}
+    extra = {"seeds": {"n": len(per_seed), "train_seeds": [int(s) for s in seeds]}}
+    if std:
+        extra["rows_std"] = std
+    return rows, extra
+
+
 def write_reports(report_dir: Path, metrics: dict, history: list[dict] | None = None,
-                  checkpoint: tuple[dict, Path] | None = None) -> None:
+                  checkpoint: tuple[dict, Path] | None = None, bootstrap_file: tuple | None = None) -> None:
     """Every payload is built first; then the checkpoint and the report directory (metrics.json,
     results.md, history.csv) are each replaced whole, so a failure never leaves a new checkpoint beside
     stale reports or a half-written directory."""
@@ -310,10 +369,16 @@ def write_reports(report_dir: Path, metrics: dict, history: list[dict] | None = 
     if checkpoint is not None:
         save(checkpoint[0], checkpoint[1])
     with atomic_dir(report_dir) as tmp:
+        if (report_dir / ".gitignore").is_file():  # DVC's entry for the cached bootstrap.npz: keep it
+            (tmp / ".gitignore").write_bytes((report_dir / ".gitignore").read_bytes())
         if hist is not None:
             write_csv(tmp / "history.csv", hist, float_format="%.6g")
         write_json(tmp / "metrics.json", metrics)
         write_text(tmp / "results.md", text)
+        if bootstrap_file is not None:  # {row: {column: resample values}}, plan (imem.bootstrap)
+            from imem import bootstrap
+
+            bootstrap.save(tmp / "bootstrap.npz", *bootstrap_file)
 
 
 def resolve_encoders(cfg: dict, encoders: dict) -> dict:
@@ -383,17 +448,3 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None, s
     if len(out) > 1 and len(out[-1]) < min_last:
         out[-2] = torch.cat([out[-2], out.pop()])
     return out
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch's intra-op CPU threads set to ``n`` (0: unchanged) inside the block, restored after. The
-    methods' heads are small: on 2 cores one thread is several times faster than two (measured), and a
-    fixed count keeps float reductions, hence the reports, identical from run to run."""
-    before = torch.get_num_threads()
-    if int(n) > 0:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,16 +156,24 @@ def composite_loss(cca: torch.Tensor, kl_rank: torch.Tensor, lam: float) -> torc
 # --- retrieval -----------------------------------------------------------------------------------------
 
 
-def ranks_from_distances(dist: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's own candidate (the diagonal) among all candidates of its row, lower
-    distance first. Ties count against the query (rank = 1 + #{j != i: D_ij <= D_ii}), so a collapsed model
-    whose distances are all equal gets rank N, not a lucky order."""
+def ranks_from_distances(dist: np.ndarray, relevant: np.ndarray | None = None) -> np.ndarray:
+    """1-based rank of each query's first (best-ranked) relevant candidate among all candidates of its row,
+    lower distance first; ``relevant`` (a bool matrix like ``dist``) defaults to the diagonal (each query's
+    own candidate). Ties count against the query: rank = 1 + #{j not relevant: D_ij <= min over relevant
+    D_ij}, so a collapsed model whose distances are all equal gets rank N, not a lucky order, and several
+    relevant copies of one candidate (a bootstrap resample) take the rank of one of them."""
     dist = np.asarray(dist, dtype=np.float64)
     if dist.ndim != 2 or dist.shape[0] != dist.shape[1] or dist.shape[0] < 2:
         raise ImemError(f"retrieval needs a square distance matrix over >= 2 clips, got {dist.shape}")
-    own = dist.diagonal()[:, None]
-    not_self = ~np.eye(len(dist), dtype=bool)
-    return 1 + ((dist <= own) & not_self).sum(axis=1)
+    if relevant is None:
+        relevant = np.eye(len(dist), dtype=bool)
+    elif (relevant := np.asarray(relevant, dtype=bool)).shape != dist.shape or not relevant.any(axis=1).all():
+        raise ImemError(
+            f"retrieval: relevance mask {relevant.shape} must be like the distances {dist.shape}, "
+            "with a relevant candidate in every row"
+        )
+    best = np.where(relevant, dist, np.inf).min(axis=1, keepdims=True)  # NaN stays NaN, as D_ii did
+    return 1 + ((dist <= best) & ~relevant).sum(axis=1)
 
 
 def sequence_distances(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray:
@@ -174,11 +184,19 @@ def sequence_distances(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray:
     return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").numpy()
 
 
-def retrieval_columns(dist: np.ndarray) -> dict[str, float]:
-    """``m2e_*`` from the rows of a (music x emotion) distance matrix, ``e2m_*`` from its columns."""
+def retrieval_columns(dist: np.ndarray, idx: np.ndarray | None = None) -> dict[str, float]:
+    """``m2e_*`` from the rows of a (music x emotion) distance matrix, ``e2m_*`` from its columns.
+
+    ``idx`` (clip indices, repeated where a bootstrap resample drew a clip twice): the queries and the
+    candidates are ``dist[np.ix_(idx, idx)]``, and every copy of a query's own clip is relevant; without it,
+    all clips once (the same numbers as ``idx = arange(n)``)."""
+    dist, relevant = np.asarray(dist, dtype=np.float64), None
+    if idx is not None:
+        idx = np.asarray(idx, dtype=np.intp)
+        dist, relevant = dist[np.ix_(idx, idx)], idx[:, None] == idx[None, :]
     row = {}
-    for short, d in (("m2e", dist), ("e2m", np.asarray(dist).T)):
-        r = ranks_from_distances(d).astype(np.float64)
+    for short, d, rel in (("m2e", dist, relevant), ("e2m", dist.T, None if relevant is None else relevant.T)):
+        r = ranks_from_distances(d, rel).astype(np.float64)
         row.update(
             {
                 f"{short}_mrr": float(np.mean(1.0 / r)),
@@ -187,6 +205,40 @@ def retrieval_columns(dist: np.ndarray) -> dict[str, float]:
             }
         )
     return row
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What one row is scored from, computed once after training: the (music clips x emotion sequences)
+    distance matrix of the split and, for the regression baselines, the predicted and true clip mean VA
+    ((n, 2) valence, arousal)."""
+
+    dist: np.ndarray
+    pred_va: np.ndarray | None = None
+    true_va: np.ndarray | None = None
+
+
+def score_rows(scored: dict[str, Scored], ci: np.ndarray) -> dict[str, dict[str, float]]:
+    """The rows on the clips ``ci`` of the split (``arange(n)``: the reported rows; a bootstrap resample:
+    repeated indices). Only numpy indexing, no forward pass."""
+    ci = np.asarray(ci, dtype=np.intp)
+    rows = {}
+    for label, s in scored.items():
+        rows[label] = retrieval_columns(s.dist, ci)
+        if s.pred_va is not None:
+            rows[label].update(regression_columns({"music": s.pred_va[ci]}, {"music": s.true_va[ci]}))
+    return rows
+
+
+def make_rescore(
+    scored: dict[str, Scored],
+) -> Callable[[np.ndarray, np.ndarray], dict[str, dict[str, float]]]:
+    """``MethodResult.rescore``: clip indices ``ci``, image indices ``ii`` (ignored: CMER-CL is music-only)."""
+
+    def rescore(ci: np.ndarray, ii: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+        return score_rows(scored, ci)
+
+    return rescore
 
 
 def chance_columns(n: int) -> dict[str, float]:
@@ -404,6 +456,7 @@ def check_config(cfg: dict) -> dict:
         lo = {"batch_size": 2, "cpu_threads": 0}.get(key, 1)
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < lo:
             raise bad(key, f"must be an integer >= {lo}")
+
     def number(key: str) -> bool:  # a finite int or float; not a bool (True is an int in Python)
         v = out[key]
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -563,7 +616,7 @@ def _train_evaluate(
     )
     with torch.no_grad():
         div = pairwise_divergence(*music(feats[split]), *emotion(seqs[split]), kind).double().cpu().numpy()
-    rows = {LABEL: retrieval_columns(div)}
+    scored = {LABEL: Scored(div)}
 
     # baselines: RegMLP on the frozen features, RegBiGRU on the handcrafted frames (trained with MSE)
     hand = [
@@ -609,13 +662,13 @@ def _train_evaluate(
         )
         with torch.no_grad():
             pred = model(inputs[split]).double().cpu()
-        dist = sequence_distances(pred, seqs[split])
-        rows[label] = {
-            **retrieval_columns(dist),
-            **regression_columns({"music": pred.mean(1).numpy()}, {"music": data.va("music", split)}),
-        }
+        scored[label] = Scored(
+            sequence_distances(pred, seqs[split]), pred.mean(1).numpy(), data.va("music", split)
+        )
         states[key] = model.state_dict()
-    rows[CHANCE_ROW] = chance_columns(n[split])
+    # one formula for the reported rows and the bootstrap resamples: the rows are the identity resample
+    rescore = make_rescore(scored)
+    rows = {**rescore(np.arange(n[split]), np.arange(0)), CHANCE_ROW: chance_columns(n[split])}
 
     state = {
         "music_encoder": music.state_dict(),
@@ -631,4 +684,6 @@ def _train_evaluate(
         "seq_len": t,
         "divergence": kind,
     }
-    return MethodResult(rows=rows, history=[history[e] for e in sorted(history)], state=state, notes=notes)
+    return MethodResult(
+        rows=rows, history=[history[e] for e in sorted(history)], state=state, notes=notes, rescore=rescore
+    )

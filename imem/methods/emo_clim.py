@@ -24,7 +24,9 @@ per query P@1, P@5 (relevant items in the top k, / k) and MRR with relevant = sa
 each query class and then across classes (the reference code's macro average) -> ``cls_*``. Queries whose
 class has no item in the other modality are skipped (counted in the notes). The same scores also give the
 CDCML-protocol ``*_emb_*`` columns against the true S. The chance row holds the exact expectations under a
-uniformly random ranking, averaged the same way.
+uniformly random ranking, averaged the same way. ``MethodResult.rescore`` recomputes the model's row on a
+bootstrap resample of clips and images (:func:`resample_row`, the function that scores the split too) from
+the score matrix computed once.
 """
 
 from __future__ import annotations
@@ -203,6 +205,8 @@ def class_retrieval(scores: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndar
     queries skipped because no candidate has their class."""
     query_cls, cand_cls = np.asarray(query_cls), np.asarray(cand_cls)
     keep = np.isin(query_cls, cand_cls)
+    if not keep.any():  # no query left (or no candidate at all): no columns
+        return {}, int(len(query_cls))
     order = np.argsort(-np.asarray(scores, np.float64)[keep], axis=1, kind="stable")
     rel = cand_cls[order] == query_cls[keep, None]
     per_query = {f"p{k}": rel[:, :k].sum(axis=1) / k for k in ks}
@@ -234,6 +238,47 @@ def class_codes(table: pd.DataFrame, side: str, split: str) -> np.ndarray:
 
 def _cls_columns(metrics: dict[str, float], direction: str) -> dict[str, float]:
     return {f"cls_{direction}_{m}": v for m, v in metrics.items()}
+
+
+# --- scoring on the split or on a bootstrap resample -------------------------------------------------------
+
+def resample_row(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarray, clip_cls: np.ndarray,
+                 ci: np.ndarray, ii: np.ndarray, threshold: float, ndcg_k: int = 10
+                 ) -> tuple[dict[str, float], dict[str, int]]:
+    """The model's row on the clips ``ci`` and images ``ii`` of the split (indices into its clip and image
+    tables, an item drawn k times listed k times; ``np.arange`` of both for the full split), and the number
+    of skipped queries per direction.
+
+    ``scores_m2i``: clips x images scores of the whole split; ``truth``: its true S; ``image_cls`` /
+    ``clip_cls``: :func:`class_codes` of the whole split. ``cls_*``: :func:`class_retrieval` with the classed
+    items among the drawn ones as queries and candidates (``scores[np.ix_(q, c)]``); ``*_emb_*``:
+    :func:`imem.methods.base.matching_columns` on ``scores[np.ix_(ci, ii)]`` against ``truth[np.ix_(ci, ii)]``.
+    A column that is undefined on the draw (no query left; fewer than 2 clips or images) is left out."""
+    ci, ii = np.asarray(ci, np.intp), np.asarray(ii, np.intp)
+    qi, qc = ii[image_cls[ii] >= 0], ci[clip_cls[ci] >= 0]  # the classed images and clips, as drawn
+    i2m, skip_i2m = class_retrieval(scores_m2i.T[np.ix_(qi, qc)], image_cls[qi], clip_cls[qc])
+    m2i, skip_m2i = class_retrieval(scores_m2i[np.ix_(qc, qi)], clip_cls[qc], image_cls[qi])
+    row = {**_cls_columns(i2m, "i2m"), **_cls_columns(m2i, "m2i")}
+    if len(ci) >= 2 and len(ii) >= 2:  # retrieval needs two candidates each way
+        cell = np.ix_(ci, ii)
+        row.update(base.matching_columns(scores_m2i[cell], truth[cell], "emb", threshold, ndcg_k))
+    return row, {"i2m": skip_i2m, "m2i": skip_m2i}
+
+
+def rescorer(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarray, clip_cls: np.ndarray,
+             threshold: float, ndcg_k: int, columns: list[str]):
+    """``rescore(ci, ii) -> {LABEL: {column: value}}`` for :attr:`MethodResult.rescore`: :func:`resample_row`
+    on one bootstrap draw, over the precomputed score matrix (no forward pass), with exactly ``columns`` (the
+    full-split row's); a column undefined on the draw is NaN."""
+    scores_m2i, truth = np.asarray(scores_m2i, np.float64), np.asarray(truth, np.float64)
+    image_cls, clip_cls = np.asarray(image_cls, np.int64), np.asarray(clip_cls, np.int64)
+    columns = list(columns)
+
+    def rescore(ci: np.ndarray, ii: np.ndarray) -> dict[str, dict[str, float]]:
+        row, _ = resample_row(scores_m2i, truth, image_cls, clip_cls, ci, ii, threshold, ndcg_k)
+        return {LABEL: {c: float(row.get(c, math.nan)) for c in columns}}
+
+    return rescore
 
 
 # --- training and evaluation -----------------------------------------------------------------------------
@@ -320,19 +365,22 @@ def _fit_evaluate(p: dict, cfg: dict, data: MethodData, ctx: RunContext, feats: 
         z_img = heads["image"](feats["image"][ctx.split]).cpu().double().numpy()
         z_mus = heads["music"](feats["music"][ctx.split]).cpu().double().numpy()
     scores_m2i = 0.5 * (z_mus @ z_img.T + 1.0)  # Emo-CLIM's retrieval similarity: 0.5 (cos + 1), unit vectors
-    ci, cm = codes["image"][ctx.split], codes["music"][ctx.split]
-    ki, km = ci >= 0, cm >= 0
-    i2m, skip_i2m = class_retrieval(scores_m2i.T[ki][:, km], ci[ki], cm[km])
-    m2i, skip_m2i = class_retrieval(scores_m2i[km][:, ki], cm[km], ci[ki])
-    truth = data.truth(ctx.split)
-    model_row = {**_cls_columns(i2m, "i2m"), **_cls_columns(m2i, "m2i"),
-                 **base.matching_columns(scores_m2i, truth, "emb", ctx.relevance_threshold, ctx.ndcg_k)}
-    chance = {**_cls_columns(class_chance(ci[ki], cm[km]), "i2m"), **_cls_columns(class_chance(cm[km], ci[ki]), "m2i"),
+    y_img, y_mus = codes["image"][ctx.split], codes["music"][ctx.split]
+    truth = np.asarray(data.truth(ctx.split), np.float64)
+    # one scoring function for the split and for every bootstrap resample (the closure only indexes)
+    model_row, skipped = resample_row(scores_m2i, truth, y_img, y_mus, np.arange(len(y_mus)), np.arange(len(y_img)),
+                                      ctx.relevance_threshold, ctx.ndcg_k)
+    rescore = rescorer(scores_m2i, truth, y_img, y_mus, ctx.relevance_threshold, ctx.ndcg_k, list(model_row))
+    ki, km = y_img >= 0, y_mus >= 0
+    chance = {**_cls_columns(class_chance(y_img[ki], y_mus[km]), "i2m"),
+              **_cls_columns(class_chance(y_mus[km], y_img[ki]), "m2i"),
               **{k: v for k, v in base.matching_chance(truth, ctx.relevance_threshold, ctx.ndcg_k).items()
                  if "_emb_" in k}}
     notes = {"best_epoch": best_epoch, "best_val_total": round(best_val, 6), "steps_per_epoch": steps,
              "n_dropped_items": dropped["image"] + dropped["music"], "n_dropped_images": dropped["image"],
-             "n_dropped_clips": dropped["music"], "skipped_i2m_queries": skip_i2m, "skipped_m2i_queries": skip_m2i}
+             "n_dropped_clips": dropped["music"], "skipped_i2m_queries": skipped["i2m"],
+             "skipped_m2i_queries": skipped["m2i"]}
     state = {"image_head": heads["image"].state_dict(), "music_head": heads["music"].state_dict(),
              "feature_stats": stats, "classes": CLASSES, "best_epoch": best_epoch}
-    return MethodResult(rows={LABEL: model_row, CHANCE_ROW: chance}, history=history, state=state, notes=notes)
+    return MethodResult(rows={LABEL: model_row, CHANCE_ROW: chance}, history=history, state=state, notes=notes,
+                        rescore=rescore)

@@ -21,13 +21,16 @@ Scoring on ``ctx.split``: regression columns (S on the split's pairs.csv, image 
 similarity predictor (``sim``: every clip x image, the clip's caption as text input) and by proximity of the
 predicted VA (``emb``: the 2-d VA space is MMVA's shared space); text->music (each clip's caption queries every
 clip of the split, ranked by proximity of the caption's predicted VA to each clip's predicted VA):
-``t2m_r1/r5/r10`` and ``t2m_map10``.
+``t2m_r1/r5/r10`` and ``t2m_map10``. Every output is computed once (:func:`outputs`); :func:`score_row` turns
+them into the row, for the whole split and for each bootstrap resample of its songs and images
+(``MethodResult.rescore``, :mod:`imem.bootstrap`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -506,28 +509,102 @@ def train(cfg: dict, sets: dict, sigma: float, ctx: RunContext) -> tuple[MMVANet
     return net.cpu(), history, best_epoch
 
 
-def evaluate(net: MMVANet, cfg: dict, data: MethodData, ctx: RunContext, split_set: dict) -> dict[str, dict]:
-    """The method's row and the chance row on ``ctx.split`` (see the module docstring)."""
+@dataclass(frozen=True)
+class Outputs:
+    """Every model output on the scored split, computed once (NumPy; no network): what :func:`score_row`
+    indexes, for the split's row and for each bootstrap resample alike. Clips are the rows of ``sim``,
+    ``emb``, ``t2m`` and ``truth`` and index ``va_*["music"]`` / ``va_pred["text"]`` (a clip's caption)."""
+
+    va_pred: dict[str, np.ndarray]  # image (I, 2), music (C, 2), text (C, 2): predicted VA
+    va_true: dict[str, np.ndarray]  # image (I, 2), music (C, 2)
+    pair_clip: np.ndarray  # (P,) the split's pairs.csv: clip index
+    pair_image: np.ndarray  # (P,) image index
+    pair_pred: np.ndarray  # (P,) predicted S of the pair (the clip's caption as text input)
+    pair_true: np.ndarray  # (P,) the pair's score
+    sim: np.ndarray  # (C, I) predicted S of every combination
+    emb: np.ndarray  # (C, I) -(distance of predicted VA), clip vs image
+    t2m: np.ndarray  # (C, C) -(distance of predicted VA), caption vs clip
+    truth: np.ndarray  # (C, I) true S
+    relevant: np.ndarray  # (C, C) caption -> clip relevance (t2m_relevance) of the full split
+    threshold: float
+    ndcg_k: int
+
+
+def outputs(net: MMVANet, feats: dict[str, torch.Tensor], va_true: dict[str, np.ndarray], pairs,
+            truth: np.ndarray, relevant: np.ndarray, threshold: float, ndcg_k: int) -> Outputs:
+    """The network's outputs on a split (``feats``: image, music, text inputs in table order; ``pairs``:
+    a pairs.csv frame with ``clip_idx`` / ``image_idx`` / ``score``): every forward pass of the scoring."""
     net = net.cpu().eval()
-    split = ctx.split
-    emb = _embed_items(net, split_set["x"])
+    emb = _embed_items(net, feats)
     va_pred = {side: v.double().numpy() for side, v in _predict_va(net, emb).items()}
+    pair_clip = pairs["clip_idx"].to_numpy(np.int64, copy=True)  # writable (torch warns on read-only arrays)
+    pair_image = pairs["image_idx"].to_numpy(np.int64, copy=True)
+    pair_pred = _predict_pairs(net, emb, torch.as_tensor(pair_clip), torch.as_tensor(pair_image)).double().numpy()
+    return Outputs(va_pred=va_pred, va_true={s: np.asarray(v) for s, v in va_true.items()},
+                   pair_clip=pair_clip, pair_image=pair_image, pair_pred=pair_pred,
+                   pair_true=pairs["score"].to_numpy(np.float64), sim=_predict_matrix(net, emb),
+                   emb=va_proximity(va_pred["music"], va_pred["image"]),
+                   t2m=va_proximity(va_pred["text"], va_pred["music"]),
+                   truth=np.asarray(truth, np.float64), relevant=np.asarray(relevant, bool),
+                   threshold=float(threshold), ndcg_k=int(ndcg_k))
+
+
+def _matching(scores: np.ndarray, truth: np.ndarray, scorer: str, threshold: float, k: int) -> dict[str, float]:
+    """:func:`matching_columns`; NaN for every column when a side has fewer than 2 items (no ranking)."""
+    if min(scores.shape) >= 2:
+        return matching_columns(scores, truth, scorer, threshold, k)
+    return {f"{d}_{scorer}_{m}": math.nan for d in ("m2i", "i2m") for m in (f"ndcg{k}", "r1", "r5", "r10", "mrr")}
+
+
+def score_row(out: Outputs, ci: np.ndarray, ii: np.ndarray) -> dict[str, float]:
+    """The method's row on the items ``ci`` (clip indices) and ``ii`` (image indices) of the split, an item
+    drawn k times counted k times: the full split (``arange``) or one bootstrap resample.
+
+    - ``sim_*``: the split's pairs, each weighted by (draws of its clip) x (draws of its image); NaN when no
+      pair has both items drawn. Item VA columns on ``pred[ci]`` / ``pred[ii]``.
+    - matching: ``scores[ci][:, ii]`` against ``truth[ci][:, ii]`` (queries and candidates resampled).
+    - t2m: ``t2m[ci][:, ci]``, relevance ``relevant[ci][:, ci]``: by the clips' original indices, so under
+      ``own`` every copy of a caption's clip is relevant to it (``ci[:, None] == ci[None, :]``)."""
+    from imem.metrics import regression
+
+    ci, ii = np.asarray(ci, np.intp), np.asarray(ii, np.intp)
+    w = (np.bincount(ci, minlength=len(out.va_true["music"]))[out.pair_clip]
+         * np.bincount(ii, minlength=len(out.va_true["image"]))[out.pair_image])
+    if w.sum() > 0:
+        row = {f"sim_{k}": v for k, v in regression(out.pair_pred, out.pair_true, sample_weight=w).items()}
+    else:
+        row = {"sim_mse": math.nan, "sim_mae": math.nan}
+    idx = {"image": ii, "music": ci}
+    row.update(regression_columns({s: out.va_pred[s][idx[s]] for s in ("image", "music")},
+                                  {s: out.va_true[s][idx[s]] for s in ("image", "music")}))
+    cell = np.ix_(ci, ii)
+    truth = out.truth[cell]
+    row.update(_matching(out.sim[cell], truth, "sim", out.threshold, out.ndcg_k))
+    row.update(_matching(out.emb[cell], truth, "emb", out.threshold, out.ndcg_k))
+    square = np.ix_(ci, ci)
+    row.update(t2m_metrics(out.t2m[square], out.relevant[square]))  # NaN where no query has a relevant clip
+    return row
+
+
+def evaluate(net: MMVANet, cfg: dict, data: MethodData, ctx: RunContext, split_set: dict) -> dict:
+    """The method's row and the chance row on ``ctx.split`` (see the module docstring), and ``rescore``:
+    the method's row on a bootstrap resample ``(ci, ii)`` (:func:`score_row` on the outputs computed here;
+    with ``arange`` indices it returns exactly the row)."""
+    split = ctx.split
     true_va = {side: data.va(side, split) for side in ("image", "music")}
-    pairs = data.pairs[split]
-    pred_pairs = _predict_pairs(net, emb, torch.tensor(pairs["clip_idx"].to_numpy(), dtype=torch.long),
-                                torch.tensor(pairs["image_idx"].to_numpy(), dtype=torch.long)).double().numpy()
-    row = regression_columns({s: va_pred[s] for s in ("image", "music")}, true_va, pred_pairs,
-                             pairs["score"].to_numpy())
     truth = data.truth(split)
-    row.update(matching_columns(_predict_matrix(net, emb), truth, "sim", ctx.relevance_threshold, ctx.ndcg_k))
-    row.update(matching_columns(va_proximity(va_pred["music"], va_pred["image"]), truth, "emb",
-                                ctx.relevance_threshold, ctx.ndcg_k))
     relevant = t2m_relevance(cfg["t2m_relevance"], true_va["music"], data.sigma, ctx.relevance_threshold)
-    row.update(t2m_metrics(va_proximity(va_pred["text"], va_pred["music"]), relevant))
+    out = outputs(net, split_set["x"], true_va, data.pairs[split], truth, relevant, ctx.relevance_threshold,
+                  ctx.ndcg_k)
+    row = score_row(out, np.arange(len(true_va["music"])), np.arange(len(true_va["image"])))
     chance = {**matching_chance(truth, ctx.relevance_threshold, ctx.ndcg_k), **t2m_chance(relevant)}
-    text_va = {f"text_{dim}_mse": float(np.mean((va_pred["text"][:, j] - true_va["music"][:, j]) ** 2))
+    text_va = {f"text_{dim}_mse": float(np.mean((out.va_pred["text"][:, j] - true_va["music"][:, j]) ** 2))
                for j, dim in enumerate(("valence", "arousal"))}
-    return {"rows": {LABEL: row, CHANCE_ROW: chance}, "text_va": text_va}
+
+    def rescore(ci: np.ndarray, ii: np.ndarray) -> dict[str, dict[str, float]]:
+        return {LABEL: score_row(out, ci, ii)}
+
+    return {"rows": {LABEL: row, CHANCE_ROW: chance}, "text_va": text_va, "rescore": rescore}
 
 
 def fit_evaluate(cfg: dict, data: MethodData, ctx: RunContext) -> MethodResult:
@@ -578,4 +655,4 @@ def _fit_evaluate(cfg: dict, data: MethodData, ctx: RunContext) -> MethodResult:
              **{k: round(v, 6) for k, v in ev["text_va"].items()}}
     state = {"net": net.state_dict(), "dims": {side: int(sets["train"]["x"][side].shape[1]) for side in SIDES},
              "text_encoder": identity, "best_epoch": best_epoch}
-    return MethodResult(rows=ev["rows"], history=history, state=state, notes=notes)
+    return MethodResult(rows=ev["rows"], history=history, state=state, notes=notes, rescore=ev["rescore"])

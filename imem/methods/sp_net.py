@@ -27,8 +27,10 @@ from imem.methods.base import (
     matching_chance,
     matching_columns,
     regression_columns,
+    seed_rows,
     write_reports,
 )
+from imem.metrics import regression
 
 LABEL = "SP-Net"
 DEFAULTS: dict = {"image_variant": "unimodal_image", "music_variant": "unimodal_music", "checkpoint": "best"}
@@ -45,57 +47,116 @@ def _predictions(eval_dir: Path, side: str, checkpoint: str) -> pd.DataFrame:
     return df.set_index("id")
 
 
-def sp_net(cfg: dict, reports_dir: str | Path, prepare_dir: str | Path, stats_path: str | Path,
-           eval_params: dict) -> MethodResult:
-    """SP-Net's rows from the two unimodal variants' evaluation outputs (``reports_dir/<variant>/``)."""
+def _seed_columns(table: pd.DataFrame, checkpoint: str) -> list[str]:
+    """The prediction names of every training seed in a ``*_va.csv``: the checkpoint's own (``best``/``last``,
+    the first seed) and, for ``best``, ``seed_<n>`` of each extra seed (evaluate writes ``valence_seed_<n>``)."""
+    extra = sorted({c[len("valence_"):] for c in table.columns if c.startswith("valence_seed_")},
+                   key=lambda n: int(n.rsplit("_", 1)[1]))
+    return [checkpoint] + (extra if checkpoint == "best" else [])
+
+
+def sp_net_seeds(cfg: dict, reports_dir: str | Path, prepare_dir: str | Path, stats_path: str | Path,
+                 eval_params: dict) -> list[MethodResult]:
+    """SP-Net's rows from the two unimodal variants' evaluation outputs (``reports_dir/<variant>/``), one
+    result per training seed (the k-th seed of the image regressor with the k-th of the music one), each
+    with its bootstrap ``rescore``."""
     reports_dir, prepare_dir = Path(reports_dir), Path(prepare_dir)
     split, ck = eval_params["split"], cfg["checkpoint"]
-    metas = {}
     for side in ("image", "music"):
         mpath = reports_dir / cfg[f"{side}_variant"] / "metrics.json"
         if not mpath.is_file():
             raise ImemError(f"{mpath}: missing (run evaluate@{cfg[side + '_variant']})")
-        metas[side] = json.loads(mpath.read_text())
-        if metas[side]["split"] != split:
-            raise ImemError(f"{mpath}: evaluated on split {metas[side]['split']!r}, but evaluate.split is {split!r}")
+        meta = json.loads(mpath.read_text())
+        if meta["split"] != split:
+            raise ImemError(f"{mpath}: evaluated on split {meta['split']!r}, but evaluate.split is {split!r}")
     sigma = float(json.loads(Path(stats_path).read_text())["sigma"])
     img = _predictions(reports_dir / cfg["image_variant"], "image", ck)
     mus = _predictions(reports_dir / cfg["music_variant"], "music", ck)
-    pairs = pd.read_csv(prepare_dir / split / "pairs.csv", dtype={"clip_id": str, "image_id": str})
-    for ids, table, what in ((pairs["image_id"], img, "image"), (pairs["clip_id"], mus, "clip")):
+    d = prepare_dir / split
+    clips = pd.read_csv(d / "clips.csv", dtype={"clip_id": str, "song_id": str})
+    images = pd.read_csv(d / "images.csv", dtype={"image_id": str})
+    pairs = pd.read_csv(d / "pairs.csv", dtype={"clip_id": str, "image_id": str})
+    for ids, table, what in ((images["image_id"], img, "image"), (clips["clip_id"], mus, "clip")):
         missing = sorted(set(ids) - set(table.index))
         if missing:
-            raise ImemError(f"{what} {missing[0]!r} of {prepare_dir / split / 'pairs.csv'} has no SP-Net prediction "
+            raise ImemError(f"{what} {missing[0]!r} of {d} has no SP-Net prediction "
                             "(evaluate outputs older than the prepared split? re-run dvc repro)")
-    cols = [f"valence_{ck}", f"arousal_{ck}"]
-    pi = img.loc[pairs["image_id"], cols].to_numpy(np.float64)
-    pm = mus.loc[pairs["clip_id"], cols].to_numpy(np.float64)
-    # CDCML section 6.1.2 (SP-Net): S_hat = exp(-d(VA_I_hat, VA_M_hat) / sigma), through the one similarity formula
-    pair_sim = similarity(np.linalg.norm(pi - pm, axis=1), sigma)
-    va_pred = {"image": img[cols].to_numpy(np.float64), "music": mus[cols].to_numpy(np.float64)}
+    img, mus = img.loc[images["image_id"]], mus.loc[clips["clip_id"]]  # the split tables' order: bootstrap indices
+    pair_c = pd.Index(clips["clip_id"]).get_indexer(pairs["clip_id"])
+    pair_i = pd.Index(images["image_id"]).get_indexer(pairs["image_id"])
+    if (pair_c < 0).any() or (pair_i < 0).any():
+        raise ImemError(f"{d / 'pairs.csv'}: a pair names a clip or image that is not in the split's tables")
     va_true = {"image": img[["valence", "arousal"]].to_numpy(np.float64),
                "music": mus[["valence", "arousal"]].to_numpy(np.float64)}
-    row = regression_columns(va_pred, va_true, pair_sim, pairs["score"].to_numpy(np.float64))
+    true_sim = pairs["score"].to_numpy(np.float64)
     thr, k = float(eval_params["relevance_threshold"]), int(eval_params["ndcg_k"])
     truth = similarity_matrix(va_true["music"], va_true["image"], sigma)
-    scores = similarity_matrix(va_pred["music"], va_pred["image"], sigma)  # S_hat of every clip-image combination
-    row.update(matching_columns(scores, truth, "sim", thr, k))
     chance = {c: v for c, v in matching_chance(truth, thr, k).items() if "_sim_" in c}
-    notes = {"sigma": sigma, "image_variant": cfg["image_variant"], "music_variant": cfg["music_variant"],
-             "checkpoint": ck, "pairs": len(pairs), "clips": len(mus), "images": len(img)}
-    return MethodResult(rows={LABEL: row, CHANCE_ROW: chance}, history=[], state={}, notes=notes)
+    names_i, names_m = _seed_columns(img, ck), _seed_columns(mus, ck)
+    results = []
+    for name_i, name_m in zip(names_i, names_m, strict=False):  # as many seeds as both regressors have
+        va_pred = {"image": img[[f"valence_{name_i}", f"arousal_{name_i}"]].to_numpy(np.float64),
+                   "music": mus[[f"valence_{name_m}", f"arousal_{name_m}"]].to_numpy(np.float64)}
+        # CDCML section 6.1.2 (SP-Net): S_hat = exp(-d(VA_I_hat, VA_M_hat) / sigma), through the one similarity formula
+        pair_sim = similarity(np.linalg.norm(va_pred["image"][pair_i] - va_pred["music"][pair_c], axis=1), sigma)
+        scores = similarity_matrix(va_pred["music"], va_pred["image"], sigma)  # S_hat of every clip-image combination
+
+        def rows_on(ci: np.ndarray, ii: np.ndarray, va_pred=va_pred, pair_sim=pair_sim, scores=scores) -> dict:
+            """SP-Net's row on clips ``ci`` and images ``ii`` of the split (a bootstrap resample, or all)."""
+            w = np.bincount(ci, minlength=len(clips))[pair_c] * np.bincount(ii, minlength=len(images))[pair_i]
+            row = regression_columns({"image": va_pred["image"][ii], "music": va_pred["music"][ci]},
+                                     {"image": va_true["image"][ii], "music": va_true["music"][ci]})
+            if w.sum() > 0:
+                row.update({f"sim_{m}": v for m, v in regression(pair_sim, true_sim, w).items()})
+            row.update(matching_columns(scores[np.ix_(ci, ii)], truth[np.ix_(ci, ii)], "sim", thr, k))
+            return {LABEL: row}
+
+        row = rows_on(np.arange(len(clips)), np.arange(len(images)))[LABEL]
+        notes = {"sigma": sigma, "image_variant": cfg["image_variant"], "music_variant": cfg["music_variant"],
+                 "checkpoint": ck, "pairs": len(pairs), "clips": len(mus), "images": len(img)}
+        results.append(MethodResult(rows={LABEL: row, CHANCE_ROW: chance}, history=[], state={}, notes=notes,
+                                    rescore=rows_on))
+    return results
+
+
+def sp_net(cfg: dict, reports_dir: str | Path, prepare_dir: str | Path, stats_path: str | Path,
+           eval_params: dict) -> MethodResult:
+    """SP-Net of the first training seed of both regressors."""
+    return sp_net_seeds(cfg, reports_dir, prepare_dir, stats_path, eval_params)[0]
 
 
 def run_sp_net(cfg: dict, reports_dir: str | Path, prepare_dir: str | Path, stats_path: str | Path,
-               eval_params: dict, out_dir: str | Path, track: bool = True) -> dict:
-    """Write ``out_dir/{metrics.json,results.md}`` in the methods' schema (and log an MLflow run)."""
-    result = sp_net(cfg, reports_dir, prepare_dir, stats_path, eval_params)
-    check_result("sp_net", result)
-    metrics = {"method": "sp_net", "label": LABEL, "split": eval_params["split"], "corpus": CORPUS_LABEL,
-               "relevance_threshold": float(eval_params["relevance_threshold"]), **result.notes,
-               "rows": {k: {c: round(float(v), 6) for c, v in r.items()} for k, r in result.rows.items()}}
+               eval_params: dict, out_dir: str | Path, track: bool = True, progress: bool = True) -> dict:
+    """Write ``out_dir/{metrics.json,results.md,bootstrap.npz}`` in the methods' schema (and log an MLflow
+    run): the mean over the regressors' training seeds, their std and the 95 % bootstrap interval."""
+    from imem import bootstrap
+
+    results = sp_net_seeds(cfg, reports_dir, prepare_dir, stats_path, eval_params)
+    for r in results:
+        check_result("sp_net", r)
+    split = eval_params["split"]
+    bs = dict(eval_params.get("bootstrap") or {"n": 1000, "seed": 2026, "level": 0.95})
+    clips = pd.read_csv(Path(prepare_dir) / split / "clips.csv", dtype={"clip_id": str, "song_id": str})
+    images = pd.read_csv(Path(prepare_dir) / split / "images.csv", dtype={"image_id": str})
+    plan = bootstrap.make_plan(clips["song_id"].to_numpy(), images["image_id"].to_numpy(), int(bs["n"]), int(bs["seed"]))
+    reps = [bootstrap.replicate(r.rescore, plan, desc=f"bootstrap sp_net seed {k + 1}/{len(results)}", progress=progress)
+            for k, r in enumerate(results)]
+    boot = {LABEL: bootstrap.mean_over([r[LABEL] for r in reps])}
+    seeds = {}
+    for side in ("image", "music"):
+        m = json.loads((Path(reports_dir) / cfg[f"{side}_variant"] / "metrics.json").read_text())
+        seeds[side] = [int(x) for x in m.get("seeds", {}).get("train_seeds", [])][:len(results)]
+    rows, extra = seed_rows([r.rows for r in results], seeds["image"] or list(range(1, len(results) + 1)))
+    extra["seeds"].update(music_train_seeds=seeds["music"],
+                          note="the k-th training seed of the image regressor with the k-th of the music regressor")
+    metrics = {"method": "sp_net", "label": LABEL, "split": split, "corpus": CORPUS_LABEL,
+               "relevance_threshold": float(eval_params["relevance_threshold"]), **results[0].notes,
+               "rows": rows, **extra,
+               "bootstrap": {"resamples": plan.n, "seed": plan.seed, "level": float(bs["level"]),
+                             "units": "songs of the split (a song's clips together) and images, with replacement"},
+               "rows_ci": {LABEL: bootstrap.intervals(boot[LABEL], float(bs["level"]))}}
     out_dir = Path(out_dir)
-    write_reports(out_dir, metrics)
+    write_reports(out_dir, metrics, bootstrap_file=(boot, plan))
     if track:
         from imem.tracking import mlflow_run
 
