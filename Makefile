@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro compare-all test data lint bench clean-venv
+.PHONY: install repro repro-check repro-tolerance compare-all test data lint bench clean-venv
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,18 @@ data: install
 repro: data
 	dvc repro
 	@cat reports/evaluate/summary/regression.md reports/evaluate/summary/retrieval.md reports/comparison/comparison.md
+
+# The reproducibility contract (README "Reproducibility"): after `make repro`, the data stages equal git's
+# copies byte for byte and every metric lies within reproducibility.yaml's tolerance of the committed value.
+repro-check: install
+	imem repro check
+
+# Measure how far trained metrics move on a simulated other CPU (AVX2 kernels, one thread), in a clone under
+# $(TOLERANCE_WORK) (about 25 min on 2 cores); docs/reproducibility.md has the latest figures.
+TOLERANCE_WORK ?= /tmp/imem-perturbed
+repro-tolerance: install
+	rm -rf $(TOLERANCE_WORK)-avx2-1thread
+	imem repro perturb $(TOLERANCE_WORK)-avx2-1thread --setting avx2-1thread --json $(TOLERANCE_WORK)-avx2-1thread.json
 
 # The full comparison set (compare/dvc.yaml): adds L3-Net, the thesis CNN and CDCML's ablation rows.
 compare-all: data

@@ -121,6 +121,41 @@ def _tune(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'best_params.yaml'}; promote with:\n  {s['best_params']['promote']}")
 
 
+def _repro_check(args: argparse.Namespace) -> None:
+    from imem.reproducibility import check
+
+    if not check(".", rev=args.rev, tolerance=args.tolerance):
+        raise ImemError(f"the regenerated outputs break the reproducibility contract against {args.rev} "
+                        "(lines above; README: Reproducibility)")
+    print(f"reproducibility contract holds against {args.rev}")
+
+
+def _repro_perturb(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from imem.reproducibility import (
+        TOLERANCE_FILE,
+        check_metrics,
+        load_rules,
+        perturbed_run,
+        summarize_deviation,
+    )
+
+    rules = load_rules(args.tolerance or TOLERANCE_FILE)
+    diff = perturbed_run(".", args.work, args.setting)
+    if args.json:
+        from imem.io import write_json
+
+        write_json(args.json, diff)
+    table = pd.DataFrame(summarize_deviation(diff, rules))
+    with pd.option_context("display.width", 250, "display.max_colwidth", 120):
+        print(table.to_string(index=False))
+    bad, n = check_metrics(diff, rules)
+    print(f"{n} metrics checked, {len(bad)} outside the tolerance of {args.tolerance or TOLERANCE_FILE}")
+    for f in bad:
+        print("  " + f.line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imem", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -189,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--params", default="params.yaml", help="params file (features.image_size)")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(fn=_retrieve)
+
+    rp = sub.add_parser("repro", help="the reproducibility contract: check regenerated outputs against git, or "
+                        "measure how trained outputs move on another (simulated) CPU")
+    rsub = rp.add_subparsers(dest="repro_command", required=True)
+    rc = rsub.add_parser("check", help="after `make repro`: data stages byte-identical to REV, every metric within "
+                         "the tolerance of reproducibility.yaml (what CI runs)")
+    rc.add_argument("--rev", default="HEAD", help="the git revision holding the committed outputs (default HEAD)")
+    rc.add_argument("--tolerance", help="tolerance file (default reproducibility.yaml)")
+    rc.set_defaults(fn=_repro_check)
+    rq = rsub.add_parser("perturb", help="re-run the trained stages of this checkout's HEAD in a clone under another "
+                         "instruction set / thread count and print how far every metric moved, per tolerance rule")
+    from imem.reproducibility import PERTURBATIONS
+
+    rq.add_argument("work", help="a new directory for the clone")
+    rq.add_argument("--setting", choices=sorted(PERTURBATIONS), default="avx2-1thread")
+    rq.add_argument("--tolerance", help="tolerance file (default reproducibility.yaml)")
+    rq.add_argument("--json", help="also write the metrics diff as JSON")
+    rq.set_defaults(fn=_repro_perturb)
     return ap
 
 
