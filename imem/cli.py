@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--rev", default="HEAD", help="the git revision holding the committed outputs (default HEAD)")
     rc.add_argument("--tolerance", help="tolerance file (default reproducibility.yaml)")
     rc.set_defaults(fn=_repro_check)
-    rq = rsub.add_parser("perturb", help="re-run the trained stages of this checkout's HEAD in a clone under another "
+    rq = rsub.add_parser("perturb", help="re-run the trained stages of this checkout (its working tree) in a clone under another "
                          "instruction set / thread count and print how far every metric moved, per tolerance rule")
     from imem.reproducibility import PERTURBATIONS
 

@@ -558,23 +558,20 @@ def test_reported_retrieval_is_that_of_the_saved_models(runs, synth):
 
 @pytest.fixture(scope="module")
 def train_run(synth):
+    from imem.params import section
+
+    return _run_cmer(synth, _methods(synth), dict(section("evaluate"), split="train"), synth / "models_train",
+                     synth / "reports_train")
+
+
+def _run_cmer(synth, methods: dict, eval_params: dict, models, reports) -> dict:
+    """run_method("cmer_cl") on the synth fixture's prepared splits, untracked."""
     from imem.methods.base import run_method
     from imem.params import section
 
-    return run_method(
-        "cmer_cl",
-        _methods(synth),
-        dict(section("evaluate"), split="train"),
-        synth / "prepare",
-        synth / "features",
-        synth / "rep" / "stats.json",
-        synth / "models_train",
-        synth / "reports_train",
-        train_encoders=section("train")["encoders"],
-        track=False,
-        progress=False,
-        memo={},
-    )
+    return run_method("cmer_cl", methods, eval_params, synth / "prepare", synth / "features",
+                      synth / "rep" / "stats.json", models, reports, train_encoders=section("train")["encoders"],
+                      track=False, progress=False, memo={})
 
 
 @pytest.mark.slow
@@ -609,7 +606,6 @@ def test_a_corpus_without_the_windows_samples_is_refused(synth, tmp_path):
     """A clip whose dynamic samples are gone from the raw annotations: ImemError naming the clip."""
     import shutil
 
-    from imem.methods.base import run_method
     from imem.params import section
 
     corpus = tmp_path / "corpus"
@@ -621,17 +617,4 @@ def test_a_corpus_without_the_windows_samples_is_refused(synth, tmp_path):
         df = df[df["song_id"] != clip["song_id"]]
         df.to_csv(f, index=False)
     with pytest.raises(ImemError, match=rf"clip {clip['clip_id']}: no dynamic VA sample"):
-        run_method(
-            "cmer_cl",
-            _methods(synth, corpus_root=str(corpus)),
-            section("evaluate"),
-            synth / "prepare",
-            synth / "features",
-            synth / "rep" / "stats.json",
-            tmp_path / "m",
-            tmp_path / "r",
-            train_encoders=section("train")["encoders"],
-            track=False,
-            progress=False,
-            memo={},
-        )
+        _run_cmer(synth, _methods(synth, corpus_root=str(corpus)), section("evaluate"), tmp_path / "m", tmp_path / "r")
