@@ -180,7 +180,10 @@ def resampled_row(pred: dict[str, np.ndarray], true: dict[str, np.ndarray], ev: 
                   ii: np.ndarray, threshold: float, k: int, scores: dict[str, np.ndarray] | None) -> dict[str, float]:
     """The columns of :func:`regression_row` and :func:`retrieval_rows` on one bootstrap resample: clips
     ``ci`` and images ``ii`` (indices into the split's tables, repeated when drawn several times). A pair
-    counts as often as its clip times its image; ``scores``: full clips x images matrices per scorer."""
+    counts as often as its clip times its image. Rankings resample the queries only (clips for
+    music->image, images for image->music) over the split's whole candidate pool: duplicated candidates would
+    fill the top k and bias R@k and MRR low (measured: CDCML's music->image R@10, resample mean 0.69 against
+    0.80 on the split). ``scores``: full clips x images matrices per scorer."""
     row = {}
     if "pair_sim" in pred:
         w = np.bincount(ci, minlength=len(ev.song_of_clip))[ev.pair_clip] * \
@@ -192,11 +195,9 @@ def resampled_row(pred: dict[str, np.ndarray], true: dict[str, np.ndarray], ev: 
             p, t = np.asarray(pred[f"{side}_va"])[idx], true[f"{side}_va"][idx]
             for j, dim in enumerate(VA):
                 row.update({f"{side}_{dim}_{m}": v for m, v in regression(p[:, j], t[:, j]).items()})
-    if scores is not None:
-        t = ev.truth[np.ix_(ci, ii)]
+    if scores is not None:  # the resample draws the queries; each ranks the split's whole candidate pool
         for scorer, full in scores.items():
-            s = full[np.ix_(ci, ii)]
-            for short, ss, tt in (("m2i", s, t), ("i2m", s.T, t.T)):
+            for short, ss, tt in (("m2i", full[ci], ev.truth[ci]), ("i2m", full[:, ii].T, ev.truth[:, ii].T)):
                 m = retrieval(ss, tt, threshold, k_ndcg=k)
                 row.update({f"{short}_{scorer}_{name}": v for name, v in m.items() if not name.startswith("queries")})
     return row

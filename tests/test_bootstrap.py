@@ -148,3 +148,28 @@ def test_vectorised_ndcg_equals_sklearn_with_ties():
         ref = [ndcg_score(truth[i:i + 1], scores[i:i + 1], k=k) for i in range(40)]
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
     assert retrieval(scores, truth, 0.7)["ndcg10"] == pytest.approx(ndcg_score(truth, scores, k=10), abs=1e-12)
+
+
+def test_rank_metrics_resample_the_queries_over_the_whole_candidate_pool():
+    """matching_resampled: music->image queries are the drawn clips (repeats kept), image->music queries the
+    drawn images, each ranking every candidate of the split; the identity resample is matching_columns."""
+    from imem.methods.base import matching_columns, matching_resampled
+
+    rng = np.random.default_rng(4)
+    truth = rng.random((9, 7))
+    scores = truth + rng.normal(0, 0.3, truth.shape)
+    full = matching_columns(scores, truth, "sim", 0.7)
+    same = matching_resampled(scores, truth, "sim", 0.7, 10, np.arange(9), np.arange(7))
+    assert same == pytest.approx(full, abs=1e-12)
+    ci, ii = np.array([0, 0, 3, 8, 8, 8]), np.array([6, 1, 1])
+    got = matching_resampled(scores, truth, "sim", 0.7, 10, ci, ii)
+    m2i = retrieval(scores[ci], truth[ci], 0.7)  # drawn clips x every image
+    i2m = retrieval(scores.T[ii], truth.T[ii], 0.7)  # drawn images x every clip
+    for name in ("ndcg10", "r1", "r5", "r10", "mrr"):
+        assert got[f"m2i_sim_{name}"] == pytest.approx(m2i[name], abs=1e-12)
+        assert got[f"i2m_sim_{name}"] == pytest.approx(i2m[name], abs=1e-12)
+    # a perfect ranking stays perfect on every resample (no duplicated candidate can push a relevant one down)
+    plan = bootstrap.make_plan([str(i // 3) for i in range(9)], [str(j) for j in range(7)], n=50, seed=0)
+    reps = bootstrap.replicate(lambda c, i: {"p": matching_resampled(truth, truth, "sim", 0.5, 10, c, i)}, plan,
+                               progress=False)
+    assert np.nanmin(reps["p"]["m2i_sim_r1"]) == 1.0 and np.nanmin(reps["p"]["i2m_sim_mrr"]) == 1.0

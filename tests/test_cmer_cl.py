@@ -191,37 +191,44 @@ def test_resample_with_a_duplicated_and_a_dropped_clip_hand_worked():
         ]
     )
     ci = np.array([0, 2, 2, 3])  # clip 1 dropped, clip 2 drawn twice
-    # materialised by hand: D[p, q] = d[ci[p], ci[q]]; relevant where the two positions are the same clip
+    # a resample draws only the queries: each drawn query ranks all 4 candidates (the dropped clip 1 too),
+    # exactly its own clip relevant. Materialised by hand: m2e rows d[ci[p], :], relevant where q == ci[p]
     dd = np.array(
         [
-            [0.3, 0.5, 0.5, 0.3],
+            [0.3, 0.1, 0.5, 0.3],
             [0.4, 0.2, 0.2, 0.1],
             [0.4, 0.2, 0.2, 0.1],
-            [0.8, 0.6, 0.6, 0.5],
+            [0.8, 0.7, 0.6, 0.5],
         ]
     )
-    rel = np.array([[1, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 1]], dtype=bool)
-    assert np.array_equal(d[np.ix_(ci, ci)], dd)
-    # music -> emotion (rows): m0 own 0.3, the tie 0.3 of e3 counts against it: rank 2; both copies of m2:
-    # own 0.2 (the other copy of e2 is relevant, not a competitor), e3's 0.1 is closer: rank 2; m3: rank 1
-    assert cc.ranks_from_distances(dd, rel).tolist() == [2, 2, 2, 1]
-    # emotion -> music (columns): e0 own 0.3, nothing <= 0.3: 1; both e2 copies own 0.2: 1; e3 own 0.5,
-    # m0 0.3 and both m2 copies 0.1 are closer: rank 4
-    assert cc.ranks_from_distances(dd.T, rel.T).tolist() == [1, 1, 1, 4]
+    rel = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=bool)
+    assert np.array_equal(d[ci, :], dd)
+    # music -> emotion: m0 own 0.3, e1's 0.1 and the tie 0.3 of e3 count against it: rank 3; both copies of
+    # m2: own 0.2, the tie 0.2 of e1 and e3's 0.1: rank 3; m3 own 0.5, nothing <= 0.5: rank 1
+    assert cc.ranks_from_distances(dd, rel).tolist() == [3, 3, 3, 1]
+    # emotion -> music (columns of d): e0 own 0.3, the dropped m1's 0.2 is closer: rank 2; both copies of e2
+    # own 0.2, nothing <= 0.2: rank 1; e3 own 0.5, m0's 0.3 and m2's 0.1 are closer: rank 3
+    ee = np.array([[0.3, 0.2, 0.4, 0.8], [0.5, 0.4, 0.2, 0.6], [0.5, 0.4, 0.2, 0.6], [0.3, 0.9, 0.1, 0.5]])
+    assert np.array_equal(d.T[ci, :], ee)
+    assert cc.ranks_from_distances(ee, rel).tolist() == [2, 1, 1, 3]
     want = {
-        "m2e_mrr": (3 * 0.5 + 1) / 4,
-        "m2e_avg_rank": 7 / 4,
-        "m2e_median_rank": 2.0,
-        "e2m_mrr": (3 + 0.25) / 4,
+        "m2e_mrr": (3 / 3 + 1) / 4,
+        "m2e_avg_rank": 10 / 4,
+        "m2e_median_rank": 3.0,
+        "e2m_mrr": (1 / 2 + 1 + 1 + 1 / 3) / 4,
         "e2m_avg_rank": 7 / 4,
-        "e2m_median_rank": 1.0,
+        "e2m_median_rank": 1.5,
     }
     assert cc.retrieval_columns(d, ci) == pytest.approx(want, abs=1e-12)
     got = cc.make_rescore({"CMER-CL": cc.Scored(d)})(ci, np.array([5, 5, 1]))  # image draws are ignored
     assert got == {"CMER-CL": pytest.approx(want, abs=1e-12)}
-    # counting the second copy of the own sequence as a competitor would have given m2 rank 3
+    # the drawn queries' ranks are their plain full-split ranks (the full split: m2e 3, 3, 3, 1;
+    # m1 own 0.6, 0.2 and 0.4 closer: rank 3, not drawn)
+    assert cc.ranks_from_distances(d).tolist() == [3, 3, 3, 1]
     with pytest.raises(ImemError, match="relevance mask"):
         cc.ranks_from_distances(dd, np.zeros_like(rel))
+    with pytest.raises(ImemError, match="square"):
+        cc.ranks_from_distances(dd[:3])  # (queries x candidates) needs its relevance mask
 
 
 def _brute_force_rank(distances: list[float], relevant: list[bool]) -> int:
@@ -236,12 +243,15 @@ def test_resample_matches_brute_force_on_materialised_arrays():
     ci = np.array([7, 0, 3, 3, 3, 9, 11, 0, 5, 2, 10])  # 1, 4, 6, 8 dropped; 0 twice, 3 three times; unsorted
     got = cc.make_rescore(scored)(ci, np.arange(4))
     for label, s in scored.items():
-        m = len(ci)
-        dd = [[float(s.dist[ci[p], ci[q]]) for q in range(m)] for p in range(m)]
-        rel = [[bool(ci[p] == ci[q]) for q in range(m)] for p in range(m)]
-        m2e = [_brute_force_rank(dd[p], rel[p]) for p in range(m)]
+        m, n = len(ci), len(s.dist)
+        # each drawn query against the whole pool of n candidates, exactly its own clip relevant
+        m2e = [
+            _brute_force_rank([float(s.dist[ci[p], q]) for q in range(n)], [q == ci[p] for q in range(n)])
+            for p in range(m)
+        ]
         e2m = [
-            _brute_force_rank([dd[p][q] for p in range(m)], [rel[p][q] for p in range(m)]) for q in range(m)
+            _brute_force_rank([float(s.dist[q, ci[p]]) for q in range(n)], [q == ci[p] for q in range(n)])
+            for p in range(m)
         ]
         want = {}
         for short, r in (("m2e", m2e), ("e2m", e2m)):
@@ -560,8 +570,13 @@ def test_reported_retrieval_is_that_of_the_saved_models(runs, synth):
 def train_run(synth):
     from imem.params import section
 
-    return _run_cmer(synth, _methods(synth), dict(section("evaluate"), split="train"), synth / "models_train",
-                     synth / "reports_train")
+    return _run_cmer(
+        synth,
+        _methods(synth),
+        dict(section("evaluate"), split="train"),
+        synth / "models_train",
+        synth / "reports_train",
+    )
 
 
 def _run_cmer(synth, methods: dict, eval_params: dict, models, reports) -> dict:
@@ -569,9 +584,20 @@ def _run_cmer(synth, methods: dict, eval_params: dict, models, reports) -> dict:
     from imem.methods.base import run_method
     from imem.params import section
 
-    return run_method("cmer_cl", methods, eval_params, synth / "prepare", synth / "features",
-                      synth / "rep" / "stats.json", models, reports, train_encoders=section("train")["encoders"],
-                      track=False, progress=False, memo={})
+    return run_method(
+        "cmer_cl",
+        methods,
+        eval_params,
+        synth / "prepare",
+        synth / "features",
+        synth / "rep" / "stats.json",
+        models,
+        reports,
+        train_encoders=section("train")["encoders"],
+        track=False,
+        progress=False,
+        memo={},
+    )
 
 
 @pytest.mark.slow
@@ -617,4 +643,10 @@ def test_a_corpus_without_the_windows_samples_is_refused(synth, tmp_path):
         df = df[df["song_id"] != clip["song_id"]]
         df.to_csv(f, index=False)
     with pytest.raises(ImemError, match=rf"clip {clip['clip_id']}: no dynamic VA sample"):
-        _run_cmer(synth, _methods(synth, corpus_root=str(corpus)), section("evaluate"), tmp_path / "m", tmp_path / "r")
+        _run_cmer(
+            synth,
+            _methods(synth, corpus_root=str(corpus)),
+            section("evaluate"),
+            tmp_path / "m",
+            tmp_path / "r",
+        )

@@ -277,50 +277,67 @@ def test_rescore_of_a_resample_with_duplicates_equals_brute_force():
     full, skipped = emo_clim.resample_row(scores, truth, image_cls, clip_cls, np.arange(8), np.arange(7), thr, k)
     assert skipped == {"i2m": 1, "m2i": 1}
     rescore = emo_clim.rescorer(scores, truth, image_cls, clip_cls, thr, k, list(full))
-    # clip 1 and image 2 dropped (image class 2 leaves the i2m queries: their macro average is over classes
-    # 0 and 1), clips 0 and 3, images 1 and 6 drawn twice, clip 6 (its class 3 only) dropped, the unclassed
-    # clip 4 and image 3 kept; an unsorted draw
+    # clip 1 and image 2 not drawn, clips 0 and 3, images 1 and 6 drawn twice, clip 6 (its class 3 only) not
+    # drawn, the unclassed clip 4 and image 3 drawn; an unsorted draw
     ci = np.array([3, 0, 0, 2, 3, 4, 5, 7])
     ii = np.array([6, 0, 1, 1, 3, 4, 5, 6])
     got = rescore(ci, ii)[emo_clim.LABEL]
     assert list(got) == list(full)
 
-    # materialised by hand: the drawn clips x drawn images, their classes
-    S = np.array([[scores[c][i] for i in ii] for c in ci])
-    T = np.array([[truth[c][i] for i in ii] for c in ci])
-    yc, yi = np.array([clip_cls[c] for c in ci]), np.array([image_cls[i] for i in ii])
-    qc, qi = [j for j in range(len(ci)) if yc[j] >= 0], [j for j in range(len(ii)) if yi[j] >= 0]
-    i2m, skip_i2m = class_retrieval(S.T[qi][:, qc], yi[qi], yc[qc])
-    m2i, skip_m2i = class_retrieval(S[qc][:, qi], yc[qc], yi[qi])
-    # skipped: the class-4 image; the two draws of clip 3, whose class 2 left with image 2
-    assert (skip_i2m, skip_m2i) == (1, 2) and len(np.unique(yi[qi])) == 3
+    # materialised by hand: the drawn queries (repeats kept) x the split's WHOLE candidate pool
+    m2i_S = np.array([[scores[c][i] for i in range(7)] for c in ci])  # drawn clips x all 7 images
+    m2i_T = np.array([[truth[c][i] for i in range(7)] for c in ci])
+    i2m_S = np.array([[scores[c][i] for c in range(8)] for i in ii])  # drawn images x all 8 clips
+    i2m_T = np.array([[truth[c][i] for c in range(8)] for i in ii])
+    # class columns: the classed drawn queries x all classed candidates of the split
+    qc = [j for j in range(len(ci)) if clip_cls[ci[j]] >= 0]
+    qi = [j for j in range(len(ii)) if image_cls[ii[j]] >= 0]
+    pc = [c for c in range(8) if clip_cls[c] >= 0]  # clips 0 1 2 3 5 6 7
+    pi = [i for i in range(7) if image_cls[i] >= 0]  # images 0 1 2 4 5 6
+    yqc, yqi = np.array([clip_cls[ci[j]] for j in qc]), np.array([image_cls[ii[j]] for j in qi])
+    ypc, ypi = clip_cls[pc], image_cls[pi]
+    cls_i2m_S, cls_m2i_S = i2m_S[qi][:, pc], m2i_S[qc][:, pi]
+    i2m, skip_i2m = class_retrieval(cls_i2m_S, yqi, ypc)
+    m2i, skip_m2i = class_retrieval(cls_m2i_S, yqc, ypi)
+    # skipped: the class-4 image (no class-4 clip in the split); no clip (class 2 still has image 2 as a
+    # candidate, though image 2 was not drawn)
+    assert (skip_i2m, skip_m2i) == (1, 0) and len(np.unique(yqi)) == 3
     want = {**{f"cls_i2m_{m}": v for m, v in i2m.items()}, **{f"cls_m2i_{m}": v for m, v in m2i.items()}}
-    for short, s, t in (("m2i", S, T), ("i2m", S.T, T.T)):
+    for short, s, t in (("m2i", m2i_S, m2i_T), ("i2m", i2m_S, i2m_T)):
         m = retrieval(s, t, thr, k_ndcg=k)
         want.update({f"{short}_emb_{n}": m[n] for n in ("ndcg10", "r1", "r5", "r10", "mrr")})
-    assert got == pytest.approx(want, abs=1e-12)
-    assert got != pytest.approx(full, abs=1e-6)  # the resample does change the values
+    assert got == pytest.approx(want, abs=1e-12, nan_ok=True)
+    assert got != pytest.approx(full, abs=1e-6, nan_ok=True)  # the resample does change the values
     # and the class columns against plain loops
-    loops = loop_class_metrics(S.T[qi][:, qc], yi[qi], yc[qc])
+    loops = loop_class_metrics(cls_i2m_S, yqi, ypc)
     assert [got[f"cls_i2m_{m}"] for m in ("p1", "p5", "mrr")] == pytest.approx(list(loops.values()), abs=1e-12)
-    loops = loop_class_metrics(S[qc][:, qi], yc[qc], yi[qi])
+    loops = loop_class_metrics(cls_m2i_S, yqc, ypi)
     assert [got[f"cls_m2i_{m}"] for m in ("p1", "p5", "mrr")] == pytest.approx(list(loops.values()), abs=1e-12)
+    # no candidate duplicated: a query drawn twice contributes the same value twice, the single draw's
+    one = rescore(np.array([0]), np.array([0]))[emo_clim.LABEL]
+    two = rescore(np.array([0, 0]), np.array([0, 0]))[emo_clim.LABEL]
+    assert two == pytest.approx(one, abs=1e-12, nan_ok=True)
 
 
 def test_rescore_gives_nan_where_a_resample_leaves_a_metric_undefined():
     scores, truth, image_cls, clip_cls = hand_arrays()
     full, _ = emo_clim.resample_row(scores, truth, image_cls, clip_cls, np.arange(8), np.arange(7), 0.7, 10)
     rescore = emo_clim.rescorer(scores, truth, image_cls, clip_cls, 0.7, 10, list(full))
-    # only the class-4 image, twice: no i2m query has a same-class clip, no clip's class is among the images
+    # only the class-4 image, twice: no i2m query has a same-class clip; the m2i queries (all clips drawn)
+    # still rank all the split's images: those columns are the full split's
     got = rescore(np.arange(8), np.array([4, 4]))[emo_clim.LABEL]
     assert list(got) == list(full)
-    assert all(math.isnan(v) for c, v in got.items() if c.startswith("cls_"))
-    # one clip: the matching columns need two candidates each way (metrics.retrieval); the class columns
-    # are defined, as on the full split, with one candidate (the class-1 images rank clip 2 first)
+    assert all(math.isnan(v) for c, v in got.items() if c.startswith("cls_i2m_"))
+    assert {c: v for c, v in got.items() if c.startswith(("cls_m2i_", "m2i_emb_"))} == pytest.approx(
+        {c: v for c, v in full.items() if c.startswith(("cls_m2i_", "m2i_emb_"))}, abs=1e-12)
+    # one clip, 2 (class 1, no image with S > 0.7): m2i R@k and MRR undefined; nDCG defined; it still
+    # ranks all 7 images (4 classed candidates other than class 1), the i2m columns are the full split's
     got = rescore(np.array([2]), np.arange(7))[emo_clim.LABEL]
     assert list(got) == list(full)
-    assert all(math.isnan(v) for c, v in got.items() if "_emb_" in c)
-    assert [got[f"cls_i2m_{m}"] for m in ("p1", "p5", "mrr")] == pytest.approx([1.0, 0.2, 1.0])
+    assert all(math.isnan(got[f"m2i_emb_{m}"]) for m in ("r1", "r5", "r10", "mrr"))
+    assert math.isfinite(got["m2i_emb_ndcg10"])
+    assert {c: v for c, v in got.items() if "i2m" in c} == pytest.approx(
+        {c: v for c, v in full.items() if "i2m" in c}, abs=1e-12, nan_ok=True)
     assert all(math.isfinite(got[f"cls_m2i_{m}"]) for m in ("p1", "p5", "mrr"))
 
 

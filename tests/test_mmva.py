@@ -383,23 +383,35 @@ def test_rescore_on_the_identity_resample_reproduces_the_rows():
 
 def _brute_force_row(data, ctx, feats, net, cfg_relevance, ci, ii):
     """The resampled split materialised by hand (an item drawn k times is k items, with their own copies of
-    every input), run through the network and the plain metric functions."""
+    every input), run through the network and the plain metric functions. Regression columns: the drawn
+    clips x the drawn images. Ranking columns: the drawn *queries* x the split's whole candidate pool."""
     from imem.data.pairs import similarity_matrix
     from imem.methods.base import matching_columns
     from imem.metrics import regression
 
     clip_va, image_va = data.va("music", "test"), data.va("image", "test")
+    n_clips, n_images = len(clip_va), len(image_va)
+    all_c, all_i = np.arange(n_clips), np.arange(n_images)
     ids = data.clips["test"]["clip_id"].to_numpy()
     pairs = data.pairs["test"]
-    # the resample's pairs: every (copy of a clip, copy of an image) that is a pair of the split
     pair_set = {(c, i): s for c, i, s in zip(pairs["clip_idx"], pairs["image_idx"], pairs["score"], strict=True)}
+
+    def forward(cs, is_):  # the clips cs (with their captions) and the images is_, as separate copies
+        x = {"image": feats["image"][is_], "music": feats["music"][cs], "text": feats["text"][cs]}
+        with torch.no_grad():
+            emb = mmva._embed_items(net, x)
+            va = {s: v.double().numpy() for s, v in mmva._predict_va(net, emb).items()}
+            sim = np.array([[float(net.predict_sim(emb["image"][b:b + 1], emb["music"][a:a + 1],
+                                                   emb["text"][a:a + 1]))
+                             for b in range(len(is_))] for a in range(len(cs))])
+        return va, sim
+
+    def emb_scores(va):
+        return -np.linalg.norm(va["music"][:, None] - va["image"][None], axis=2)
+
+    # regression: every (copy of a clip, copy of an image) that is a pair of the split
+    va, sim = forward(ci, ii)
     mat_pred, mat_true = [], []
-    x = {"image": feats["image"][ii], "music": feats["music"][ci], "text": feats["text"][ci]}
-    with torch.no_grad():
-        emb = mmva._embed_items(net, x)
-        va = {s: v.double().numpy() for s, v in mmva._predict_va(net, emb).items()}
-        sim = np.array([[float(net.predict_sim(emb["image"][b:b + 1], emb["music"][a:a + 1], emb["text"][a:a + 1]))
-                         for b in range(len(ii))] for a in range(len(ci))])
     for a, c in enumerate(ci):
         for b, i in enumerate(ii):
             if (c, i) in pair_set:
@@ -407,15 +419,26 @@ def _brute_force_row(data, ctx, feats, net, cfg_relevance, ci, ii):
                 mat_true.append(pair_set[(c, i)])
     row = {f"sim_{k}": v for k, v in regression(np.array(mat_pred), np.array(mat_true)).items()}
     row["music_valence_mse"] = regression(va["music"][:, 0], clip_va[ci, 0])["mse"]
-    truth = similarity_matrix(clip_va[ci], image_va[ii], data.sigma)
-    row.update(matching_columns(sim, truth, "sim", ctx.relevance_threshold, ctx.ndcg_k))
-    row.update(matching_columns(-np.linalg.norm(va["music"][:, None] - va["image"][None], axis=2), truth, "emb",
-                                ctx.relevance_threshold, ctx.ndcg_k))
-    t2m = -np.linalg.norm(va["text"][:, None] - va["music"][None], axis=2)
-    if cfg_relevance == "own":  # by identity: every copy of the caption's own clip
-        rel = np.array([[ids[a] == ids[b] for b in ci] for a in ci])
+    # music -> image: the drawn clips query all images
+    va_q, sim_q = forward(ci, all_i)
+    truth = similarity_matrix(clip_va[ci], image_va, data.sigma)
+    for scorer, sc in (("sim", sim_q), ("emb", emb_scores(va_q))):
+        row.update({k: v for k, v in matching_columns(sc, truth, scorer, ctx.relevance_threshold,
+                                                      ctx.ndcg_k).items() if k.startswith("m2i_")})
+    # image -> music: the drawn images query all clips
+    va_q, sim_q = forward(all_c, ii)
+    truth = similarity_matrix(clip_va, image_va[ii], data.sigma)
+    for scorer, sc in (("sim", sim_q), ("emb", emb_scores(va_q))):
+        row.update({k: v for k, v in matching_columns(sc, truth, scorer, ctx.relevance_threshold,
+                                                      ctx.ndcg_k).items() if k.startswith("i2m_")})
+    # text -> music: the captions of the drawn clips query all clips
+    va_t, _ = forward(ci, all_i[:1])
+    va_m, _ = forward(all_c, all_i[:1])
+    t2m = -np.linalg.norm(va_t["text"][:, None] - va_m["music"][None], axis=2)
+    if cfg_relevance == "own":  # by identity: the caption's own clip
+        rel = np.array([[ids[a] == ids[b] for b in all_c] for a in ci])
     else:
-        rel = similarity_matrix(clip_va[ci], clip_va[ci], data.sigma) > ctx.relevance_threshold
+        rel = similarity_matrix(clip_va[ci], clip_va, data.sigma) > ctx.relevance_threshold
     row.update(mmva.t2m_metrics(t2m, rel))
     return row
 
@@ -434,8 +457,9 @@ def test_rescore_with_duplicates_equals_the_materialised_resample(relevance):
     got = ev["rescore"](ci, ii)["MMVA"]
     assert set(got) == set(ev["rows"]["MMVA"])
     brute = _brute_force_row(data, ctx, feats, net, relevance, ci, ii)
-    for col in ("sim_mse", "sim_mae", "music_valence_mse", "m2i_sim_ndcg10", "m2i_sim_r5", "i2m_sim_mrr",
-                "m2i_emb_ndcg10", "i2m_emb_r1", "i2m_emb_mrr", "t2m_r1", "t2m_r5", "t2m_map10"):
+    for col in ("sim_mse", "sim_mae", "music_valence_mse", "m2i_sim_ndcg10", "m2i_sim_r5", "m2i_sim_mrr",
+                "i2m_sim_r10", "i2m_sim_mrr", "m2i_emb_ndcg10", "m2i_emb_r10", "i2m_emb_r1", "i2m_emb_mrr",
+                "t2m_r1", "t2m_r5", "t2m_map10"):
         assert got[col] == pytest.approx(brute[col], abs=1e-7), col  # float32 forward passes: ~1e-9
     assert got != ev["rows"]["MMVA"]  # the resample changes the numbers
     # the same resample in another order: the same row (order only breaks exact ties)
@@ -452,7 +476,11 @@ def test_rescore_returns_nan_where_a_resample_leaves_a_metric_undefined():
     row = ev["rescore"](ci, np.array(unpaired))["MMVA"]
     assert math.isnan(row["sim_mse"]) and math.isnan(row["sim_mae"])  # no pair of the split was drawn
     assert math.isfinite(row["music_valence_mse"]) and math.isfinite(row["t2m_r1"])
-    assert row["t2m_r5"] == 1.0  # own: both copies of a clip are relevant, so 2 of 6 candidates: always in the top 5
+    # ranking columns rank the split's whole candidate pool: NaN only where no drawn query has a relevant one
+    relevant = data.truth("test") > 0.7
+    for direction, has in (("m2i", relevant[ci].any()), ("i2m", relevant[:, unpaired].any()), ("t2m", True)):
+        cols = [k for k in row if k.startswith(direction) and "ndcg" not in k]
+        assert cols and all(math.isfinite(row[k]) == bool(has) for k in cols), direction
 
 
 def test_config_accepts_the_common_n_seeds():

@@ -207,6 +207,26 @@ def matching_columns(scores_m2i: np.ndarray, truth: np.ndarray, scorer: str, thr
     return row
 
 
+def matching_resampled(scores_m2i: np.ndarray, truth: np.ndarray, scorer: str, threshold: float, k_ndcg: int,
+                       ci: np.ndarray, ii: np.ndarray) -> dict[str, float]:
+    """:func:`matching_columns` on a bootstrap resample: the resample draws the *queries* -- clips ``ci`` for
+    music->image, images ``ii`` for image->music -- and each query ranks the split's **whole** candidate
+    pool. (Resampling the candidates too would put duplicated non-relevant items into the top k and bias
+    R@k and MRR low: measured for CDCML's music->image R@10, resample mean 0.69 against 0.80 on the split.)
+    With ``np.arange`` indices it equals :func:`matching_columns` on the whole split."""
+    from imem.metrics import retrieval
+
+    if scorer not in ("sim", "emb"):
+        raise ImemError(f"scorer {scorer!r} is not one of: sim, emb")
+    s, t = np.asarray(scores_m2i, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    ci, ii = np.asarray(ci, np.intp), np.asarray(ii, np.intp)
+    row = {}
+    for short, ss, tt in (("m2i", s[ci], t[ci]), ("i2m", s[:, ii].T, t[:, ii].T)):
+        m = retrieval(ss, tt, threshold, k_ndcg=k_ndcg, spearman=False)
+        row.update({f"{short}_{scorer}_{name}": m[name] for name in (f"ndcg{k_ndcg}", "r1", "r5", "r10", "mrr")})
+    return row
+
+
 def matching_chance(truth: np.ndarray, threshold: float, k_ndcg: int = 10) -> dict[str, float]:
     """The exact chance level of :func:`matching_columns` (both scorers get the same values)."""
     from imem.metrics import random_ranking

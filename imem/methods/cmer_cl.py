@@ -157,14 +157,23 @@ def composite_loss(cca: torch.Tensor, kl_rank: torch.Tensor, lam: float) -> torc
 
 
 def ranks_from_distances(dist: np.ndarray, relevant: np.ndarray | None = None) -> np.ndarray:
-    """1-based rank of each query's first (best-ranked) relevant candidate among all candidates of its row,
-    lower distance first; ``relevant`` (a bool matrix like ``dist``) defaults to the diagonal (each query's
-    own candidate). Ties count against the query: rank = 1 + #{j not relevant: D_ij <= min over relevant
-    D_ij}, so a collapsed model whose distances are all equal gets rank N, not a lucky order, and several
-    relevant copies of one candidate (a bootstrap resample) take the rank of one of them."""
+    """1-based rank of each query's (row's) relevant candidate among all candidates of its row, lower
+    distance first; ``relevant`` (a bool matrix like ``dist``, one relevant candidate or more per row)
+    defaults to the diagonal of a square ``dist`` (each query's own candidate). ``dist`` may be (k, n): k
+    queries (a bootstrap resample's draws, repeats allowed) over n >= 2 candidates. Ties count against the
+    query: rank = 1 + #{j not relevant: D_ij <= min over relevant D_ij}, so a collapsed model whose distances
+    are all equal gets rank n, not a lucky order."""
     dist = np.asarray(dist, dtype=np.float64)
-    if dist.ndim != 2 or dist.shape[0] != dist.shape[1] or dist.shape[0] < 2:
-        raise ImemError(f"retrieval needs a square distance matrix over >= 2 clips, got {dist.shape}")
+    if (
+        dist.ndim != 2
+        or dist.shape[0] < 1
+        or dist.shape[1] < 2
+        or (relevant is None and dist.shape[0] != dist.shape[1])
+    ):
+        raise ImemError(
+            f"retrieval needs a (queries x candidates) distance matrix over >= 2 candidates (square without "
+            f"a relevance mask), got {dist.shape}"
+        )
     if relevant is None:
         relevant = np.eye(len(dist), dtype=bool)
     elif (relevant := np.asarray(relevant, dtype=bool)).shape != dist.shape or not relevant.any(axis=1).all():
@@ -185,18 +194,23 @@ def sequence_distances(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray:
 
 
 def retrieval_columns(dist: np.ndarray, idx: np.ndarray | None = None) -> dict[str, float]:
-    """``m2e_*`` from the rows of a (music x emotion) distance matrix, ``e2m_*`` from its columns.
+    """``m2e_*`` from the rows of a square (music x emotion) distance matrix over the split's n clips,
+    ``e2m_*`` from its columns.
 
-    ``idx`` (clip indices, repeated where a bootstrap resample drew a clip twice): the queries and the
-    candidates are ``dist[np.ix_(idx, idx)]``, and every copy of a query's own clip is relevant; without it,
-    all clips once (the same numbers as ``idx = arange(n)``)."""
-    dist, relevant = np.asarray(dist, dtype=np.float64), None
-    if idx is not None:
-        idx = np.asarray(idx, dtype=np.intp)
-        dist, relevant = dist[np.ix_(idx, idx)], idx[:, None] == idx[None, :]
+    ``idx`` (clip indices, repeated where a bootstrap resample drew a clip twice) draws only the queries:
+    each drawn query ranks the split's whole candidate pool, its own clip the one relevant candidate
+    (m2e: ``dist[idx, :]``, e2m: ``dist.T[idx, :]``, relevance ``eye(n)[idx, :]``), so its rank is its plain
+    full-split rank and a clip drawn k times counts k times. Without ``idx``: ``arange(n)``, the full split
+    (the same code path, the same numbers)."""
+    dist = np.asarray(dist, dtype=np.float64)
+    if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
+        raise ImemError(f"retrieval needs a square (music x emotion) distance matrix, got {dist.shape}")
+    n = len(dist)
+    idx = np.arange(n) if idx is None else np.asarray(idx, dtype=np.intp)
+    relevant = np.eye(n, dtype=bool)[idx, :]
     row = {}
-    for short, d, rel in (("m2e", dist, relevant), ("e2m", dist.T, None if relevant is None else relevant.T)):
-        r = ranks_from_distances(d, rel).astype(np.float64)
+    for short, d in (("m2e", dist), ("e2m", dist.T)):
+        r = ranks_from_distances(d[idx, :], relevant).astype(np.float64)
         row.update(
             {
                 f"{short}_mrr": float(np.mean(1.0 / r)),
@@ -220,7 +234,9 @@ class Scored:
 
 def score_rows(scored: dict[str, Scored], ci: np.ndarray) -> dict[str, dict[str, float]]:
     """The rows on the clips ``ci`` of the split (``arange(n)``: the reported rows; a bootstrap resample:
-    repeated indices). Only numpy indexing, no forward pass."""
+    repeated indices). Retrieval: the drawn clips are the queries, each ranked over the split's whole
+    candidate pool (``retrieval_columns``); regression: ``pred[ci]`` vs ``true[ci]``. Only numpy indexing,
+    no forward pass."""
     ci = np.asarray(ci, dtype=np.intp)
     rows = {}
     for label, s in scored.items():

@@ -26,7 +26,7 @@ class has no item in the other modality are skipped (counted in the notes). The 
 CDCML-protocol ``*_emb_*`` columns against the true S. The chance row holds the exact expectations under a
 uniformly random ranking, averaged the same way. ``MethodResult.rescore`` recomputes the model's row on a
 bootstrap resample of clips and images (:func:`resample_row`, the function that scores the split too) from
-the score matrix computed once.
+the score matrix computed once: the resample draws the queries, each ranking the split's whole candidate pool.
 """
 
 from __future__ import annotations
@@ -245,23 +245,27 @@ def _cls_columns(metrics: dict[str, float], direction: str) -> dict[str, float]:
 def resample_row(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarray, clip_cls: np.ndarray,
                  ci: np.ndarray, ii: np.ndarray, threshold: float, ndcg_k: int = 10
                  ) -> tuple[dict[str, float], dict[str, int]]:
-    """The model's row on the clips ``ci`` and images ``ii`` of the split (indices into its clip and image
-    tables, an item drawn k times listed k times; ``np.arange`` of both for the full split), and the number
-    of skipped queries per direction.
+    """The model's row on a bootstrap draw of the split's clips ``ci`` and images ``ii`` (indices into its
+    clip and image tables, an item drawn k times listed k times; ``np.arange`` of both for the full split),
+    and the number of skipped queries per direction.
 
+    The draw picks the *queries* only: each drawn query ranks the split's **whole** candidate pool
+    (resampling the candidates too would put duplicated items into the top k and bias P@k, R@k and MRR).
     ``scores_m2i``: clips x images scores of the whole split; ``truth``: its true S; ``image_cls`` /
-    ``clip_cls``: :func:`class_codes` of the whole split. ``cls_*``: :func:`class_retrieval` with the classed
-    items among the drawn ones as queries and candidates (``scores[np.ix_(q, c)]``); ``*_emb_*``:
-    :func:`imem.methods.base.matching_columns` on ``scores[np.ix_(ci, ii)]`` against ``truth[np.ix_(ci, ii)]``.
-    A column that is undefined on the draw (no query left; fewer than 2 clips or images) is left out."""
+    ``clip_cls``: :func:`class_codes` of the whole split. ``cls_*``: :func:`class_retrieval` with the
+    classed items among the drawn ones as queries (repeats kept) and all the split's classed items of the
+    other modality as candidates, macro-averaged over the classes present among those queries;
+    ``*_emb_*``: :func:`imem.methods.base.matching_resampled`. With ``np.arange`` indices the row is the
+    full split's. A column that is undefined on the draw (no query left; fewer than 2 clips or images in
+    the split) is left out."""
     ci, ii = np.asarray(ci, np.intp), np.asarray(ii, np.intp)
     qi, qc = ii[image_cls[ii] >= 0], ci[clip_cls[ci] >= 0]  # the classed images and clips, as drawn
-    i2m, skip_i2m = class_retrieval(scores_m2i.T[np.ix_(qi, qc)], image_cls[qi], clip_cls[qc])
-    m2i, skip_m2i = class_retrieval(scores_m2i[np.ix_(qc, qi)], clip_cls[qc], image_cls[qi])
+    pi, pc = np.flatnonzero(image_cls >= 0), np.flatnonzero(clip_cls >= 0)  # the whole classed pools
+    i2m, skip_i2m = class_retrieval(scores_m2i.T[np.ix_(qi, pc)], image_cls[qi], clip_cls[pc])
+    m2i, skip_m2i = class_retrieval(scores_m2i[np.ix_(qc, pi)], clip_cls[qc], image_cls[pi])
     row = {**_cls_columns(i2m, "i2m"), **_cls_columns(m2i, "m2i")}
-    if len(ci) >= 2 and len(ii) >= 2:  # retrieval needs two candidates each way
-        cell = np.ix_(ci, ii)
-        row.update(base.matching_columns(scores_m2i[cell], truth[cell], "emb", threshold, ndcg_k))
+    if min(np.shape(scores_m2i)) >= 2:  # retrieval needs two candidates each way
+        row.update(base.matching_resampled(scores_m2i, truth, "emb", threshold, ndcg_k, ci, ii))
     return row, {"i2m": skip_i2m, "m2i": skip_m2i}
 
 

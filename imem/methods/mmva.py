@@ -23,7 +23,8 @@ predicted VA (``emb``: the 2-d VA space is MMVA's shared space); text->music (ea
 clip of the split, ranked by proximity of the caption's predicted VA to each clip's predicted VA):
 ``t2m_r1/r5/r10`` and ``t2m_map10``. Every output is computed once (:func:`outputs`); :func:`score_row` turns
 them into the row, for the whole split and for each bootstrap resample of its songs and images
-(``MethodResult.rescore``, :mod:`imem.bootstrap`).
+(``MethodResult.rescore``, :mod:`imem.bootstrap`). A resample draws the *queries* of the ranking columns only:
+every drawn query ranks the split's whole candidate pool (see :func:`imem.methods.base.matching_resampled`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from imem.methods.base import (
     MethodResult,
     RunContext,
     matching_chance,
-    matching_columns,
+    matching_resampled,
     regression_columns,
     torch_threads,
 )
@@ -549,22 +550,17 @@ def outputs(net: MMVANet, feats: dict[str, torch.Tensor], va_true: dict[str, np.
                    threshold=float(threshold), ndcg_k=int(ndcg_k))
 
 
-def _matching(scores: np.ndarray, truth: np.ndarray, scorer: str, threshold: float, k: int) -> dict[str, float]:
-    """:func:`matching_columns`; NaN for every column when a side has fewer than 2 items (no ranking)."""
-    if min(scores.shape) >= 2:
-        return matching_columns(scores, truth, scorer, threshold, k)
-    return {f"{d}_{scorer}_{m}": math.nan for d in ("m2i", "i2m") for m in (f"ndcg{k}", "r1", "r5", "r10", "mrr")}
-
-
 def score_row(out: Outputs, ci: np.ndarray, ii: np.ndarray) -> dict[str, float]:
     """The method's row on the items ``ci`` (clip indices) and ``ii`` (image indices) of the split, an item
     drawn k times counted k times: the full split (``arange``) or one bootstrap resample.
 
     - ``sim_*``: the split's pairs, each weighted by (draws of its clip) x (draws of its image); NaN when no
       pair has both items drawn. Item VA columns on ``pred[ci]`` / ``pred[ii]``.
-    - matching: ``scores[ci][:, ii]`` against ``truth[ci][:, ii]`` (queries and candidates resampled).
-    - t2m: ``t2m[ci][:, ci]``, relevance ``relevant[ci][:, ci]``: by the clips' original indices, so under
-      ``own`` every copy of a caption's clip is relevant to it (``ci[:, None] == ci[None, :]``)."""
+    - ranking columns: a resample draws the *queries* only; every query ranks the split's **whole** candidate
+      pool (resampling the candidates too would let duplicated non-relevant items fill the top k and bias
+      R@k / MRR low). Matching (:func:`matching_resampled`): music->image on ``scores[ci]`` against
+      ``truth[ci]`` (all images), image->music on ``scores[:, ii]`` against ``truth[:, ii]`` (all clips).
+    - t2m: the captions of clips ``ci`` query all clips: ``t2m[ci]``, relevance ``relevant[ci]``."""
     from imem.metrics import regression
 
     ci, ii = np.asarray(ci, np.intp), np.asarray(ii, np.intp)
@@ -577,12 +573,9 @@ def score_row(out: Outputs, ci: np.ndarray, ii: np.ndarray) -> dict[str, float]:
     idx = {"image": ii, "music": ci}
     row.update(regression_columns({s: out.va_pred[s][idx[s]] for s in ("image", "music")},
                                   {s: out.va_true[s][idx[s]] for s in ("image", "music")}))
-    cell = np.ix_(ci, ii)
-    truth = out.truth[cell]
-    row.update(_matching(out.sim[cell], truth, "sim", out.threshold, out.ndcg_k))
-    row.update(_matching(out.emb[cell], truth, "emb", out.threshold, out.ndcg_k))
-    square = np.ix_(ci, ci)
-    row.update(t2m_metrics(out.t2m[square], out.relevant[square]))  # NaN where no query has a relevant clip
+    for scorer, scores in (("sim", out.sim), ("emb", out.emb)):
+        row.update(matching_resampled(scores, out.truth, scorer, out.threshold, out.ndcg_k, ci, ii))
+    row.update(t2m_metrics(out.t2m[ci], out.relevant[ci]))  # NaN where no query has a relevant clip
     return row
 
 

@@ -25,7 +25,7 @@ from imem.methods.base import (
     check_result,
     log_results,
     matching_chance,
-    matching_columns,
+    matching_resampled,
     regression_columns,
     seed_rows,
     write_reports,
@@ -108,7 +108,7 @@ def sp_net_seeds(cfg: dict, reports_dir: str | Path, prepare_dir: str | Path, st
                                      {"image": va_true["image"][ii], "music": va_true["music"][ci]})
             if w.sum() > 0:
                 row.update({f"sim_{m}": v for m, v in regression(pair_sim, true_sim, w).items()})
-            row.update(matching_columns(scores[np.ix_(ci, ii)], truth[np.ix_(ci, ii)], "sim", thr, k))
+            row.update(matching_resampled(scores, truth, "sim", thr, k, ci, ii))
             return {LABEL: row}
 
         row = rows_on(np.arange(len(clips)), np.arange(len(images)))[LABEL]
