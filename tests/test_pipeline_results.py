@@ -79,3 +79,39 @@ def test_comparison_report_covers_every_default_method_and_beats_chance():
     assert df.loc["CMER-CL", "m2e_avg_rank"] < chance["m2e_avg_rank"]
     # blank where a metric does not apply: SP-Net has no shared embedding space, Emo-CLIM predicts no S
     assert pd.isna(df.loc["SP-Net", "m2i_emb_mrr"]) and pd.isna(df.loc["Emo-CLIM", "sim_mse"])
+
+
+def test_comparison_carries_intervals_and_bolds_only_significant_winners():
+    """Issue 14: every model value of the committed comparison has its 95 % bootstrap interval (and, with
+    several training seeds, their std); a bold cell is exactly a column winner whose paired difference to
+    the runner-up excludes 0 (best.csv), and the paired table against CDCML is there."""
+    import pandas as pd
+
+    from imem.methods.base import COLUMNS
+
+    csv = COMPARISON / "comparison.csv"
+    if not csv.is_file():
+        pytest.fail(f"{csv} is missing: run `make repro` (it is committed with the pipeline)")
+    df = pd.read_csv(csv).set_index("row")
+    models = [r for r in df.index if r not in ("mean predictor", "random ranking")]
+    checked = 0
+    for r in models:
+        for c in COLUMNS:
+            if c in df.columns and pd.notna(df.loc[r, c]):
+                lo, hi = df.loc[r, f"{c}_lo"], df.loc[r, f"{c}_hi"]
+                assert pd.notna(lo) and pd.notna(hi) and lo <= hi, (r, c)
+                if df.loc[r, "seeds"] > 1:
+                    assert pd.notna(df.loc[r, f"{c}_std"]), (r, c)
+                checked += 1
+    assert checked > 100
+    assert df.loc["random ranking", [c for c in df.columns if c.endswith("_lo")]].isna().all()  # exact, no interval
+    best = pd.read_csv(COMPARISON / "best.csv")
+    table_lines = [x for x in (COMPARISON / "comparison.md").read_text().splitlines() if x.startswith("|")]
+    bold_cells = sum(x.count("**") for x in table_lines) // 2
+    print(f"{checked} model values with intervals; {int(best['significant'].sum())} of {len(best)} column winners "
+          "significant against the runner-up")
+    assert bold_cells == int(best["significant"].sum())
+    paired = pd.read_csv(COMPARISON / "paired.csv")
+    assert set(paired["reference"]) == {"CDCML (ResNet50 + ResNet18, all losses, eq. 8 sum)"}
+    assert (paired["lo"] <= paired["hi"]).all()
+    assert set(paired["verdict"]) <= {"better", "worse", "not significant"}
