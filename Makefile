@@ -38,7 +38,8 @@ repro-check: install
 	imem repro check
 
 # Measure how far trained metrics move on a simulated other CPU (AVX2 kernels, one thread), in a clone under
-# $(TOLERANCE_WORK) (about 25 min on 2 cores); docs/reproducibility.md has the latest figures.
+# $(TOLERANCE_WORK) (the whole default pipeline on one thread: about an hour on 2 cores); docs/reproducibility.md
+# has the latest figures.
 TOLERANCE_WORK ?= /tmp/imem-perturbed
 repro-tolerance: install
 	rm -rf $(TOLERANCE_WORK)-avx2-1thread
