@@ -177,13 +177,14 @@ def retrieval_rows(pred: dict[str, np.ndarray], truth: np.ndarray, threshold: fl
 
 
 def resampled_row(pred: dict[str, np.ndarray], true: dict[str, np.ndarray], ev: Evaluator, ci: np.ndarray,
-                  ii: np.ndarray, threshold: float, k: int, scores: dict[str, np.ndarray] | None) -> dict[str, float]:
+                  ii: np.ndarray, threshold: float, k: int, rankings: dict[str, dict] | None) -> dict[str, float]:
     """The columns of :func:`regression_row` and :func:`retrieval_rows` on one bootstrap resample: clips
     ``ci`` and images ``ii`` (indices into the split's tables, repeated when drawn several times). A pair
     counts as often as its clip times its image. Rankings resample the queries only (clips for
     music->image, images for image->music) over the split's whole candidate pool: duplicated candidates would
     fill the top k and bias R@k and MRR low (measured: CDCML's music->image R@10, resample mean 0.69 against
-    0.80 on the split). ``scores``: full clips x images matrices per scorer."""
+    0.80 on the split). So a query's metrics do not depend on the draw: ``rankings`` holds them per query
+    (:func:`query_rankings`) and a resample weights each by how often it was drawn."""
     row = {}
     if "pair_sim" in pred:
         w = np.bincount(ci, minlength=len(ev.song_of_clip))[ev.pair_clip] * \
@@ -195,12 +196,22 @@ def resampled_row(pred: dict[str, np.ndarray], true: dict[str, np.ndarray], ev: 
             p, t = np.asarray(pred[f"{side}_va"])[idx], true[f"{side}_va"][idx]
             for j, dim in enumerate(VA):
                 row.update({f"{side}_{dim}_{m}": v for m, v in regression(p[:, j], t[:, j]).items()})
-    if scores is not None:  # the resample draws the queries; each ranks the split's whole candidate pool
-        for scorer, full in scores.items():
-            for short, ss, tt in (("m2i", full[ci], ev.truth[ci]), ("i2m", full[:, ii].T, ev.truth[:, ii].T)):
-                m = retrieval(ss, tt, threshold, k_ndcg=k)
-                row.update({f"{short}_{scorer}_{name}": v for name, v in m.items() if not name.startswith("queries")})
+    if rankings is not None:
+        w = {"m2i": np.bincount(ci, minlength=len(ev.song_of_clip)), "i2m": np.bincount(ii, minlength=len(ev.image_ids))}
+        for scorer, per in rankings.items():
+            for short, pq in per.items():
+                row.update({f"{short}_{scorer}_{name}": v for name, v in pq.summary(w[short]).items()
+                            if not name.startswith("queries")})
     return row
+
+
+def query_rankings(pred: dict[str, np.ndarray], truth: np.ndarray, threshold: float, k: int) -> dict[str, dict]:
+    """Per-query ranking metrics (:class:`imem.metrics.PerQuery`) of both scorers and directions over the
+    split's whole candidate pool: ``{scorer: {"m2i": .., "i2m": ..}}``."""
+    from imem.metrics import PerQuery
+
+    return {sc: {short: PerQuery.of(_scores(pred, sc, d), truth if d == "music_to_image" else truth.T, threshold, k)
+                 for d, short in DIRECTIONS.items()} for sc in SCORERS}
 
 
 def bootstrap_rows(ev: Evaluator, preds: dict[str, dict], true: dict[str, np.ndarray], models: list[str],
@@ -211,11 +222,10 @@ def bootstrap_rows(ev: Evaluator, preds: dict[str, dict], true: dict[str, np.nda
 
     plan = bootstrap.make_plan(ev.song_of_clip, ev.image_ids, settings["n"], settings["seed"])
     matching = ev.kind == "matching"
-    full = {name: ({sc: _scores(preds[name], sc, "music_to_image") for sc in SCORERS} if matching else None)
-            for name in models}
+    ranks = {name: (query_rankings(preds[name], ev.truth, threshold, k) if matching else None) for name in models}
 
     def score(ci: np.ndarray, ii: np.ndarray) -> dict[str, dict[str, float]]:
-        out = {name: resampled_row(preds[name], true, ev, ci, ii, threshold, k, full[name]) for name in models}
+        out = {name: resampled_row(preds[name], true, ev, ci, ii, threshold, k, ranks[name]) for name in models}
         out["mean_predictor"] = resampled_row(preds["mean_predictor"], true, ev, ci, ii, threshold, k, None)
         return out
 

@@ -19,6 +19,7 @@ R@k / MRR for graded-relevance matrices nor these exact expectations, so those a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import rankdata
@@ -93,22 +94,55 @@ def retrieval(scores: np.ndarray, truth: np.ndarray, threshold: float, k_ndcg: i
               ks: tuple[int, ...] = RETRIEVAL_KS, spearman: bool = True) -> dict[str, float]:
     """Ranking metrics of ``scores`` (queries x candidates; higher ranks first) against the true S
     (``spearman=False`` leaves out rho, the costliest of them, for callers that do not report it)."""
-    scores, truth = _check(scores, truth)
-    varied = truth.max(axis=1) > truth.min(axis=1)
-    relevant = truth > threshold
-    has_rel = relevant.any(axis=1)
-    out: dict[str, float] = {}
-    out[f"ndcg{k_ndcg}"] = float(np.mean(ndcg_at_k(truth[varied], scores[varied], k_ndcg))) if varied.sum() else math.nan
-    if spearman:
-        rhos = rowwise_spearman(scores[varied], truth[varied])
-        out["spearman"] = float(np.nanmean(rhos)) if len(rhos) and np.isfinite(rhos).any() else math.nan
-    first = ranks_of_first_relevant(scores, relevant)[has_rel]
-    for k in ks:
-        out[f"r{k}"] = float(np.mean(first <= k)) if has_rel.any() else math.nan
-    out["mrr"] = float(np.mean(1.0 / first)) if has_rel.any() else math.nan
-    out["queries"] = int(len(truth))
-    out["queries_with_relevant"] = int(has_rel.sum())
-    return out
+    return PerQuery.of(scores, truth, threshold, k_ndcg, ks, spearman).summary()
+
+
+@dataclass(frozen=True)
+class PerQuery:
+    """Every ranking metric of :func:`retrieval` per query, so that a bootstrap resample of the *queries*
+    (each ranking the whole candidate pool) is a weighted mean (:meth:`summary` with ``weights`` = how
+    often each query is drawn) instead of a re-ranking: exactly the same numbers, about a thousand times
+    cheaper. NaN marks a query a metric leaves out (constant S for nDCG and rho, no relevant candidate for
+    R@k and MRR)."""
+
+    values: dict[str, np.ndarray]  # metric -> (queries,)
+
+    @classmethod
+    def of(cls, scores: np.ndarray, truth: np.ndarray, threshold: float, k_ndcg: int = 10,
+           ks: tuple[int, ...] = RETRIEVAL_KS, spearman: bool = True) -> PerQuery:
+        scores, truth = _check(scores, truth)
+        varied = truth.max(axis=1) > truth.min(axis=1)
+        relevant = truth > threshold
+        has_rel = relevant.any(axis=1)
+        nan = np.full(len(truth), np.nan)
+        values: dict[str, np.ndarray] = {}
+        nd = nan.copy()
+        if varied.any():
+            nd[varied] = ndcg_at_k(truth[varied], scores[varied], k_ndcg)
+        values[f"ndcg{k_ndcg}"] = nd
+        if spearman:
+            rho = nan.copy()
+            if varied.any():
+                rho[varied] = rowwise_spearman(scores[varied], truth[varied])
+            values["spearman"] = rho
+        first = ranks_of_first_relevant(scores, relevant).astype(np.float64)
+        first[~has_rel] = np.nan
+        for k in ks:
+            values[f"r{k}"] = np.where(has_rel, first <= k, np.nan)
+        values["mrr"] = 1.0 / first
+        return cls(values)
+
+    def summary(self, weights: np.ndarray | None = None) -> dict[str, float]:
+        """The metrics of the queries counted ``weights`` times each (default: once), as :func:`retrieval`."""
+        n = len(next(iter(self.values.values())))
+        w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+        out: dict[str, float] = {}
+        for name, v in self.values.items():
+            ok = np.isfinite(v) & (w > 0)
+            out[name] = float(np.dot(w[ok], v[ok]) / w[ok].sum()) if ok.any() else math.nan
+        out["queries"] = int(round(w.sum()))
+        out["queries_with_relevant"] = int(round(w[np.isfinite(self.values["mrr"])].sum()))
+        return out
 
 
 def expected_hit_at_k(n: int, r: int, k: int) -> float:

@@ -264,10 +264,19 @@ def test_training_seeds_share_the_backbone_and_evaluate_reports_their_mean_std_a
     ev.load(ck["model"])
     pred, true = ev.predict(), ev.targets()
     full = {**regression_row(pred, true), **retrieval_rows(pred, ev.truth, 0.7, 10)}
-    from imem.evaluation import SCORERS, _scores
+    from imem.evaluation import _scores, query_rankings
 
-    scores = {sc: _scores(pred, sc, "music_to_image") for sc in SCORERS}
-    same = resampled_row(pred, true, ev, np.arange(len(ev.song_of_clip)), np.arange(len(ev.image_ids)), 0.7, 10, scores)
+    ranks = query_rankings(pred, ev.truth, 0.7, 10)
+    same = resampled_row(pred, true, ev, np.arange(len(ev.song_of_clip)), np.arange(len(ev.image_ids)), 0.7, 10, ranks)
     assert set(same) == set(full)
     for c, v in full.items():
         assert same[c] == pytest.approx(v, abs=1e-9, nan_ok=True), c
+    # a real resample: the re-weighted per-query metrics equal re-ranking the drawn queries over all candidates
+    plan = bootstrap.make_plan(ev.song_of_clip, ev.image_ids, 3, 5)
+    ci, ii = plan.clips(1), plan.images(1)
+    got = resampled_row(pred, true, ev, ci, ii, 0.7, 10, ranks)
+    for sc in ("sim", "emb"):
+        s = _scores(pred, sc, "music_to_image")
+        for short, m in (("m2i", retrieval(s[ci], ev.truth[ci], 0.7)), ("i2m", retrieval(s.T[ii], ev.truth.T[ii], 0.7))):
+            for name in ("ndcg10", "spearman", "r1", "r10", "mrr"):
+                assert got[f"{short}_{sc}_{name}"] == pytest.approx(m[name], abs=1e-12), (short, sc, name)

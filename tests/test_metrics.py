@@ -95,3 +95,27 @@ def test_constant_truth_rows_are_left_out_of_ndcg_and_spearman():
     truth = np.array([[0.5, 0.5, 0.5], [0.9, 0.1, 0.2]])
     m = retrieval(np.array([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]]), truth, 0.7)
     assert m["spearman"] == pytest.approx(0.5)  # only row 2: ranks [3,2,1] vs [3,1,2]
+
+
+def test_per_query_weights_equal_re_ranking_the_repeated_queries():
+    """A bootstrap resample of the queries (each ranking all candidates) re-weights the per-query metrics:
+    the same numbers as re-ranking the repeated queries, including the queries a metric leaves out
+    (constant S: no nDCG/rho; no relevant candidate: no R@k/MRR) and an undrawn query."""
+    from imem.metrics import PerQuery
+
+    rng = np.random.default_rng(4)
+    truth = rng.uniform(0, 1, (9, 12))
+    truth[2] = 0.5  # constant S: left out of nDCG and rho
+    truth[5] = np.minimum(truth[5], 0.6)  # no relevant candidate: left out of R@k and MRR
+    scores = truth + rng.normal(0, 0.3, truth.shape)
+    scores[7, :4] = scores[7, 0]  # ties
+    pq = PerQuery.of(scores, truth, 0.7)
+    assert pq.summary() == retrieval(scores, truth, 0.7)
+    idx = np.array([0, 0, 0, 2, 3, 5, 5, 7, 8, 8])  # query 1, 4 and 6 not drawn
+    got = pq.summary(np.bincount(idx, minlength=9))
+    want = retrieval(scores[idx], truth[idx], 0.7)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-12), k
+    assert got["queries"] == 10 and got["queries_with_relevant"] < 8  # e.g. query 5 (drawn twice) has no relevant candidate
+    assert pq.values["mrr"][5] != pq.values["mrr"][5] and pq.values["ndcg10"][2] != pq.values["ndcg10"][2]  # NaN

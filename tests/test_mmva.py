@@ -485,3 +485,15 @@ def test_rescore_returns_nan_where_a_resample_leaves_a_metric_undefined():
 
 def test_config_accepts_the_common_n_seeds():
     assert mmva.config({"seed": 1, "n_seeds": 3})["n_seeds"] == 3
+
+
+def test_t2m_per_query_weights_equal_the_repeated_queries():
+    """t2m on a bootstrap draw of the captions = the per-caption metrics weighted by the draw."""
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=(8, 8))
+    rel = np.eye(8, dtype=bool)
+    rel[3] = False  # a caption without a relevant clip is left out
+    idx = np.array([0, 0, 1, 3, 4, 4, 4, 7])
+    got = mmva.t2m_summary(mmva.t2m_per_query(scores, rel, ks=(1, 5), k_map=5), np.bincount(idx, minlength=8))
+    want = mmva.t2m_metrics(scores[idx], rel[idx], ks=(1, 5), k_map=5)
+    assert got == pytest.approx(want, abs=1e-12) and set(got) == set(want)

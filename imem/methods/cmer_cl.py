@@ -23,6 +23,7 @@ normalised columns), so the mean of a clip's sequence is its clips.csv valence /
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,12 +206,24 @@ def retrieval_columns(dist: np.ndarray, idx: np.ndarray | None = None) -> dict[s
     dist = np.asarray(dist, dtype=np.float64)
     if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
         raise ImemError(f"retrieval needs a square (music x emotion) distance matrix, got {dist.shape}")
-    n = len(dist)
-    idx = np.arange(n) if idx is None else np.asarray(idx, dtype=np.intp)
-    relevant = np.eye(n, dtype=bool)[idx, :]
+    return columns_from_ranks(query_ranks(dist), idx)
+
+
+def query_ranks(dist: np.ndarray) -> dict[str, np.ndarray]:
+    """Every clip's rank as a query of the square (music x emotion) distance matrix, both directions
+    (``m2e``: rows, ``e2m``: columns), over the split's whole candidate pool: computed once, a bootstrap
+    resample then only indexes them (:func:`columns_from_ranks`)."""
+    dist = np.asarray(dist, dtype=np.float64)
+    if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
+        raise ImemError(f"retrieval needs a square (music x emotion) distance matrix, got {dist.shape}")
+    return {short: ranks_from_distances(d).astype(np.float64) for short, d in (("m2e", dist), ("e2m", dist.T))}
+
+
+def columns_from_ranks(ranks: dict[str, np.ndarray], idx: np.ndarray | None = None) -> dict[str, float]:
+    """MRR, average and median rank of the queries ``idx`` (repeats counted; None: all) from :func:`query_ranks`."""
     row = {}
-    for short, d in (("m2e", dist), ("e2m", dist.T)):
-        r = ranks_from_distances(d[idx, :], relevant).astype(np.float64)
+    for short, full in ranks.items():
+        r = full if idx is None else full[np.asarray(idx, dtype=np.intp)]
         row.update(
             {
                 f"{short}_mrr": float(np.mean(1.0 / r)),
@@ -231,6 +244,11 @@ class Scored:
     pred_va: np.ndarray | None = None
     true_va: np.ndarray | None = None
 
+    @functools.cached_property
+    def ranks(self) -> dict[str, np.ndarray]:
+        """:func:`query_ranks` of ``dist``, once for the split and all its bootstrap resamples."""
+        return query_ranks(self.dist)
+
 
 def score_rows(scored: dict[str, Scored], ci: np.ndarray) -> dict[str, dict[str, float]]:
     """The rows on the clips ``ci`` of the split (``arange(n)``: the reported rows; a bootstrap resample:
@@ -240,7 +258,7 @@ def score_rows(scored: dict[str, Scored], ci: np.ndarray) -> dict[str, dict[str,
     ci = np.asarray(ci, dtype=np.intp)
     rows = {}
     for label, s in scored.items():
-        rows[label] = retrieval_columns(s.dist, ci)
+        rows[label] = columns_from_ranks(s.ranks, ci)
         if s.pred_va is not None:
             rows[label].update(regression_columns({"music": s.pred_va[ci]}, {"music": s.true_va[ci]}))
     return rows

@@ -243,8 +243,8 @@ def _cls_columns(metrics: dict[str, float], direction: str) -> dict[str, float]:
 # --- scoring on the split or on a bootstrap resample -------------------------------------------------------
 
 def resample_row(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarray, clip_cls: np.ndarray,
-                 ci: np.ndarray, ii: np.ndarray, threshold: float, ndcg_k: int = 10
-                 ) -> tuple[dict[str, float], dict[str, int]]:
+                 ci: np.ndarray, ii: np.ndarray, threshold: float, ndcg_k: int = 10,
+                 rankings: base.Rankings | None = None) -> tuple[dict[str, float], dict[str, int]]:
     """The model's row on a bootstrap draw of the split's clips ``ci`` and images ``ii`` (indices into its
     clip and image tables, an item drawn k times listed k times; ``np.arange`` of both for the full split),
     and the number of skipped queries per direction.
@@ -255,8 +255,8 @@ def resample_row(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarra
     ``clip_cls``: :func:`class_codes` of the whole split. ``cls_*``: :func:`class_retrieval` with the
     classed items among the drawn ones as queries (repeats kept) and all the split's classed items of the
     other modality as candidates, macro-averaged over the classes present among those queries;
-    ``*_emb_*``: :func:`imem.methods.base.matching_resampled`. With ``np.arange`` indices the row is the
-    full split's. A column that is undefined on the draw (no query left; fewer than 2 clips or images in
+    ``*_emb_*``: :func:`imem.methods.base.matching_resampled` (``rankings``: its per-query metrics of
+    ``scores_m2i``, built once for many draws). With ``np.arange`` indices the row is the full split's. A column that is undefined on the draw (no query left; fewer than 2 clips or images in
     the split) is left out."""
     ci, ii = np.asarray(ci, np.intp), np.asarray(ii, np.intp)
     qi, qc = ii[image_cls[ii] >= 0], ci[clip_cls[ci] >= 0]  # the classed images and clips, as drawn
@@ -265,7 +265,8 @@ def resample_row(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarra
     m2i, skip_m2i = class_retrieval(scores_m2i[np.ix_(qc, pi)], clip_cls[qc], image_cls[pi])
     row = {**_cls_columns(i2m, "i2m"), **_cls_columns(m2i, "m2i")}
     if min(np.shape(scores_m2i)) >= 2:  # retrieval needs two candidates each way
-        row.update(base.matching_resampled(scores_m2i, truth, "emb", threshold, ndcg_k, ci, ii))
+        row.update(base.matching_resampled(scores_m2i if rankings is None else rankings, truth, "emb", threshold,
+                                           ndcg_k, ci, ii))
     return row, {"i2m": skip_i2m, "m2i": skip_m2i}
 
 
@@ -277,9 +278,10 @@ def rescorer(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarray, c
     scores_m2i, truth = np.asarray(scores_m2i, np.float64), np.asarray(truth, np.float64)
     image_cls, clip_cls = np.asarray(image_cls, np.int64), np.asarray(clip_cls, np.int64)
     columns = list(columns)
+    ranks = base.Rankings(scores_m2i, truth, threshold, ndcg_k) if min(scores_m2i.shape) >= 2 else None
 
     def rescore(ci: np.ndarray, ii: np.ndarray) -> dict[str, dict[str, float]]:
-        row, _ = resample_row(scores_m2i, truth, image_cls, clip_cls, ci, ii, threshold, ndcg_k)
+        row, _ = resample_row(scores_m2i, truth, image_cls, clip_cls, ci, ii, threshold, ndcg_k, ranks)
         return {LABEL: {c: float(row.get(c, math.nan)) for c in columns}}
 
     return rescore

@@ -30,6 +30,7 @@ every drawn query ranks the split's whole candidate pool (see :func:`imem.method
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from imem.methods.base import (
     CHANCE_ROW,
     MethodData,
     MethodResult,
+    Rankings,
     RunContext,
     matching_chance,
     matching_resampled,
@@ -348,27 +350,43 @@ def va_proximity(query_va: np.ndarray, cand_va: np.ndarray) -> np.ndarray:
 
 # --- text -> music metrics ----------------------------------------------------------------------------------
 
+def t2m_per_query(scores: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] = T2M_KS,
+                  k_map: int = T2M_MAP_K) -> dict[str, np.ndarray]:
+    """:func:`t2m_metrics` per query (NaN for a query without a relevant candidate): a bootstrap resample of
+    the queries is then a weighted mean (:func:`t2m_summary`), with no re-ranking."""
+    scores, relevant = np.asarray(scores, np.float64), np.asarray(relevant, bool)
+    if scores.ndim != 2 or scores.shape != relevant.shape or scores.shape[1] < 1:
+        raise ValueError(f"t2m: scores {scores.shape} and relevance {relevant.shape} must be equal 2-d arrays")
+    has = relevant.any(axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    rel = np.take_along_axis(relevant, order, axis=1)
+    out = {f"t2m_r{k}": np.where(has, rel[:, :k].any(axis=1), np.nan) for k in ks}
+    top = rel[:, :k_map].astype(np.float64)
+    prec = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (prec * top).sum(axis=1) / np.minimum(relevant.sum(axis=1), k_map)
+    out[f"t2m_map{k_map}"] = np.where(has, ap, np.nan)
+    return out
+
+
+def t2m_summary(per_query: dict[str, np.ndarray], weights: np.ndarray | None = None) -> dict[str, float]:
+    """The mean of :func:`t2m_per_query` over the queries with a relevant candidate, each counted ``weights``
+    times (default once); NaN where none is left."""
+    out = {}
+    for name, v in per_query.items():
+        w = np.ones(len(v)) if weights is None else np.asarray(weights, np.float64)
+        ok = np.isfinite(v) & (w > 0)
+        out[name] = float(np.dot(w[ok], v[ok]) / w[ok].sum()) if ok.any() else math.nan
+    return out
+
+
 def t2m_metrics(scores: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] = T2M_KS,
                 k_map: int = T2M_MAP_K) -> dict[str, float]:
     """Caption -> music R@k and mAP@k of a (queries, candidates) score matrix (higher ranks first; ties keep
     candidate order). R@k: the share of queries with a relevant candidate in their top k. AP@K of a query:
     sum over the top K of P@j x rel_j, divided by min(#relevant, K) -- with one relevant item (the caption's own
     clip) that is 1 / rank when rank <= K, else 0. Queries without a relevant candidate are left out."""
-    scores, relevant = np.asarray(scores, np.float64), np.asarray(relevant, bool)
-    if scores.ndim != 2 or scores.shape != relevant.shape or scores.shape[1] < 1:
-        raise ValueError(f"t2m: scores {scores.shape} and relevance {relevant.shape} must be equal 2-d arrays")
-    has = relevant.any(axis=1)
-    if not has.any():
-        return {**{f"t2m_r{k}": math.nan for k in ks}, f"t2m_map{k_map}": math.nan}
-    scores, relevant = scores[has], relevant[has]
-    order = np.argsort(-scores, axis=1, kind="stable")
-    rel = np.take_along_axis(relevant, order, axis=1)
-    out = {f"t2m_r{k}": float(rel[:, :k].any(axis=1).mean()) for k in ks}
-    top = rel[:, :k_map].astype(np.float64)
-    prec = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
-    ap = (prec * top).sum(axis=1) / np.minimum(relevant.sum(axis=1), k_map)
-    out[f"t2m_map{k_map}"] = float(ap.mean())
-    return out
+    return t2m_summary(t2m_per_query(scores, relevant, ks, k_map))
 
 
 def t2m_chance(relevant: np.ndarray, ks: tuple[int, ...] = T2M_KS, k_map: int = T2M_MAP_K) -> dict[str, float]:
@@ -530,6 +548,16 @@ class Outputs:
     threshold: float
     ndcg_k: int
 
+    @functools.cached_property
+    def rankings(self) -> dict[str, Rankings]:
+        """Per-query ranking metrics of ``sim`` and ``emb``, computed once for the split and every resample."""
+        return {scorer: Rankings(getattr(self, scorer), self.truth, self.threshold, self.ndcg_k) for scorer in ("sim", "emb")}
+
+    @functools.cached_property
+    def t2m_queries(self) -> dict[str, np.ndarray]:
+        """Per-caption t2m metrics (:func:`t2m_per_query`), computed once."""
+        return t2m_per_query(self.t2m, self.relevant)
+
 
 def outputs(net: MMVANet, feats: dict[str, torch.Tensor], va_true: dict[str, np.ndarray], pairs,
             truth: np.ndarray, relevant: np.ndarray, threshold: float, ndcg_k: int) -> Outputs:
@@ -573,9 +601,9 @@ def score_row(out: Outputs, ci: np.ndarray, ii: np.ndarray) -> dict[str, float]:
     idx = {"image": ii, "music": ci}
     row.update(regression_columns({s: out.va_pred[s][idx[s]] for s in ("image", "music")},
                                   {s: out.va_true[s][idx[s]] for s in ("image", "music")}))
-    for scorer, scores in (("sim", out.sim), ("emb", out.emb)):
-        row.update(matching_resampled(scores, out.truth, scorer, out.threshold, out.ndcg_k, ci, ii))
-    row.update(t2m_metrics(out.t2m[ci], out.relevant[ci]))  # NaN where no query has a relevant clip
+    for scorer in ("sim", "emb"):
+        row.update(matching_resampled(out.rankings[scorer], out.truth, scorer, out.threshold, out.ndcg_k, ci, ii))
+    row.update(t2m_summary(out.t2m_queries, np.bincount(ci, minlength=len(out.t2m))))  # NaN: no query has a relevant clip
     return row
 
 

@@ -22,6 +22,7 @@ from imem.methods.base import (
     CHANCE_ROW,
     CORPUS_LABEL,
     MethodResult,
+    Rankings,
     check_result,
     log_results,
     matching_chance,
@@ -100,15 +101,16 @@ def sp_net_seeds(cfg: dict, reports_dir: str | Path, prepare_dir: str | Path, st
         # CDCML section 6.1.2 (SP-Net): S_hat = exp(-d(VA_I_hat, VA_M_hat) / sigma), through the one similarity formula
         pair_sim = similarity(np.linalg.norm(va_pred["image"][pair_i] - va_pred["music"][pair_c], axis=1), sigma)
         scores = similarity_matrix(va_pred["music"], va_pred["image"], sigma)  # S_hat of every clip-image combination
+        ranks = Rankings(scores, truth, thr, k)  # per-query rankings, once: a resample re-weights them
 
-        def rows_on(ci: np.ndarray, ii: np.ndarray, va_pred=va_pred, pair_sim=pair_sim, scores=scores) -> dict:
+        def rows_on(ci: np.ndarray, ii: np.ndarray, va_pred=va_pred, pair_sim=pair_sim, ranks=ranks) -> dict:
             """SP-Net's row on clips ``ci`` and images ``ii`` of the split (a bootstrap resample, or all)."""
             w = np.bincount(ci, minlength=len(clips))[pair_c] * np.bincount(ii, minlength=len(images))[pair_i]
             row = regression_columns({"image": va_pred["image"][ii], "music": va_pred["music"][ci]},
                                      {"image": va_true["image"][ii], "music": va_true["music"][ci]})
             if w.sum() > 0:
                 row.update({f"sim_{m}": v for m, v in regression(pair_sim, true_sim, w).items()})
-            row.update(matching_resampled(scores, truth, "sim", thr, k, ci, ii))
+            row.update(matching_resampled(ranks, truth, "sim", thr, k, ci, ii))
             return {LABEL: row}
 
         row = rows_on(np.arange(len(clips)), np.arange(len(images)))[LABEL]
