@@ -366,12 +366,14 @@ def _controls(v, a, tempo_off=0.0, mode_bias=0.0, reg_off=0.0, bright_off=0.0, d
         "tempo": np.clip(62.0 + 116.0 * a + tempo_off, 56.0, 184.0),
         "subdiv": np.where(a < 0.38, 1, np.where(a < 0.62, 2, 4)),
         "loud_db": -18.0 + 19.0 * a,
-        "bright": np.clip(a + bright_off, 0.0, 1.0),
+        # timbre: brighter for aroused and for happy music, duller for calm and for sad music (the cues
+        # of Juslin & Laukka 2003, Psychol. Bull. 129(5): bright timbre for happiness, dull for sadness)
+        "bright": np.clip(0.7 * a + 0.5 * (v - 0.5) + 0.15 + bright_off, 0.0, 1.0),
         "drums": np.clip((a - 0.3) / 0.45 + drum_off, 0.0, 1.0),
         "rest": 0.08 + 0.45 * (1.0 - a),
         "major": (v + mode_bias) >= 0.58,
-        "dissonance": np.clip((0.48 - v) / 0.3, 0.0, 1.0),
-        "center": 62.0 + 20.0 * (v - 0.5) + reg_off,
+        "dissonance": np.clip((0.62 - v) / 0.35, 0.0, 1.0),  # consonant above v = 0.62, fully rough at 0.27
+        "center": 62.0 + 28.0 * (v - 0.5) + reg_off,  # melody register: about +-4 semitones per std of valence
     }
 
 
