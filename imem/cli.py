@@ -27,7 +27,10 @@ def _synth(args: argparse.Namespace) -> None:
     out = Path(args.out or p["out"])
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ImemError(f"{out} exists and is not empty: pass --force to regenerate it")
-    summary = synthesize(p, out, labels_only=args.labels_only, progress=not args.quiet)
+    if args.labels_only and args.imemnet_scale:
+        raise ImemError("--labels-only and --imemnet-scale exclude each other (--labels-only is already at IMEMNet scale)")
+    summary = synthesize(p, out, labels_only=args.labels_only, progress=not args.quiet,
+                         imemnet_scale=args.imemnet_scale)
     print(f"wrote the embedded corpus (generated, not real data) to {out}: {summary}")
 
 
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output directory (default: synth.out)")
     s.add_argument("--labels-only", action="store_true",
                    help="IMEMNet-scale annotations only (1,802 songs / 35,817 clips, 25,620 images), no media")
+    s.add_argument("--imemnet-scale", action="store_true",
+                   help="the full corpus (audio, images) at IMEMNet's counts instead of the n_* params "
+                        "(about 10 GB; the on-demand run of benchmarks/imemnet_scale.py)")
     s.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_synth)

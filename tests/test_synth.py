@@ -336,6 +336,34 @@ def test_emotion_rule():
 # ---------------------------------------------------------------------------------------------- label-only
 
 
+def test_imemnet_scale_media_mode_renders_the_label_only_songs(labels, monkeypatch, tmp_path):
+    """``imemnet_scale``: the full corpus at IMEMNet's counts -- the same songs (ids, lengths, 35,817 clips) and
+    image counts as the label-only mode, so the on-demand scale run and the pair benchmark agree. The
+    rendering itself (about 10 GB) is replaced here by a recorder of what would be rendered."""
+    from imem.params import section
+
+    p = section("synth", {"synth": dict(TINY)})
+    plan = synth._deam_songs(p, True)
+    assert (plan.ids <= 2000).sum() == 1744 and (plan.ids > 2000).sum() == 58
+    assert int(np.maximum(plan.durations // 2 - 9, 0).sum()) == 35817
+    rendered, images = [], {}
+    monkeypatch.setattr(synth, "_render_song", lambda sr, seconds, *a, **k: rendered.append(seconds) or
+                        np.zeros(8, np.int16))  # what would be rendered, not 10 GB of it
+    for name in ("iaps", "naps", "emotic"):
+        real = getattr(synth, f"_write_{name}")
+        monkeypatch.setattr(synth, f"_write_{name}",
+                            lambda root, q, n, lo, pr, name=name, real=real: images.setdefault(name, n) and real(root, q, 2, True, pr))
+    summary = synth.synthesize({**TINY, "sample_rate": 8000}, tmp_path / "c", progress=False, imemnet_scale=True)
+    assert summary["songs"] == 1802 and summary["clips"] == 35817 and summary["imemnet_scale"] is True
+    assert images == {"iaps": 1182, "naps": 1356, "emotic": 23082}
+    assert sorted(rendered) == sorted(plan.durations.tolist())
+    assert "IMEMNet's 35,817 clips" in (tmp_path / "c" / "README.txt").read_text()
+    with pytest.raises(SystemExit):  # argparse: the two modes exclude each other
+        from imem.cli import main
+        main(["synth", "--labels-only", "--imemnet-scale", "--out", str(tmp_path / "x")])
+
+
+
 def test_labels_only_imemnet_scale(labels):
     root, summary, elapsed = labels
     assert elapsed < 20, f"label-only generation took {elapsed:.1f} s"

@@ -316,14 +316,16 @@ def _drift(rng: np.random.Generator, n: int, t: np.ndarray, std: float = 0.06) -
     return out * (std / np.sqrt((weight**2).sum(axis=1) / 2))[:, None]
 
 
-def _deam_songs(p: dict, labels_only: bool) -> _Songs:
+def _deam_songs(p: dict, imemnet: bool) -> _Songs:
+    """The songs: ``n_songs`` + ``n_long_songs`` of ``p``, or IMEMNet's counts (``imemnet``: 1,744 45-s songs and
+    58 long ones whose lengths add up to 35,817 clips in all)."""
     seed = p["seed"]
     rng = _rng(seed, _SRC_DEAM, 0)
-    n_short = IMEMNET["songs"] if labels_only else p["n_songs"]
-    n_long = IMEMNET["long_songs"] if labels_only else p["n_long_songs"]
+    n_short = IMEMNET["songs"] if imemnet else p["n_songs"]
+    n_long = IMEMNET["long_songs"] if imemnet else p["n_long_songs"]
     short_ids = np.sort(rng.choice(np.arange(SHORT_IDS[0], SHORT_IDS[1] + 1), n_short, replace=False))
     long_ids = np.sort(rng.choice(np.arange(LONG_IDS[0], LONG_IDS[1] + 1), n_long, replace=False))
-    if labels_only:
+    if imemnet:
         per_long = _partition(rng, IMEMNET["clips"] - n_short * (SONG_SECONDS // 2 - 9), n_long)
         long_dur = 2 * (9 + per_long) + rng.integers(0, 2, n_long)
     else:
@@ -461,7 +463,7 @@ def _captions(clips: pd.DataFrame, songs: _Songs, seed: int) -> list[str]:
     return out
 
 
-def _write_deam(root: Path, songs: _Songs, p: dict, labels_only: bool, progress: bool) -> dict:
+def _write_deam(root: Path, songs: _Songs, p: dict, labels_only: bool, progress: bool, imemnet: bool = False) -> dict:
     seed, noise = p["seed"], float(p["label_noise"])
     rng = _rng(seed, _SRC_DEAM, 1)
     dyn, lat = _dynamic(songs, noise, rng)
@@ -471,7 +473,7 @@ def _write_deam(root: Path, songs: _Songs, p: dict, labels_only: bool, progress:
     if not clips["clip_id"].equals(latent_clips["clip_id"]):
         raise AssertionError("noisy and latent annotations disagree on the clip windows")
     expected = int(np.maximum(songs.durations // 2 - 9, 0).sum())
-    if len(clips) != expected or (labels_only and len(clips) != IMEMNET["clips"]):
+    if len(clips) != expected or ((labels_only or imemnet) and len(clips) != IMEMNET["clips"]):
         raise AssertionError(f"generated {len(clips)} clips, expected {expected}")
 
     ann = root / "DEAM" / "annotations"
@@ -992,26 +994,33 @@ def _readme(p: dict, labels_only: bool, summary: dict) -> list[str]:
         f"images: IAPS {summary['iaps']}, NAPS {summary['naps']}, EMOTIC {summary['emotic']}",
     ]
     if not labels_only:
-        lines += [f"long songs: {lo}-{hi} s", f"sample_rate: {p['sample_rate']} Hz, mono PCM_16",
+        long_songs = ("lengths chosen so that all songs give IMEMNet's 35,817 clips (IMEMNet scale)"
+                      if summary.get("imemnet_scale") else f"{lo}-{hi} s")
+        lines += [f"long songs: {long_songs}", f"sample_rate: {p['sample_rate']} Hz, mono PCM_16",
                   f"image size: {p['image_width']}x{p['image_height']} (NAPS _v portrait), JPEG quality 90"]
     return lines
 
 
-def synthesize(params: dict, out: str | Path, labels_only: bool = False, progress: bool = True) -> dict:
+def synthesize(params: dict, out: str | Path, labels_only: bool = False, progress: bool = True,
+               imemnet_scale: bool = False) -> dict:
     """Write the embedded corpus into ``out`` (atomically: a failure leaves no half corpus).
 
     ``params`` is the ``synth`` section (missing keys take their defaults, unknown keys are an error;
     ``params['out']`` is ignored in favour of ``out``). With ``labels_only`` only the annotation files
-    are written, at IMEMNet's scale. Returns counts: songs (incl. long), long_songs, clips, iaps, naps,
+    are written, at IMEMNet's scale; with ``imemnet_scale`` the full corpus (audio and images too) at
+    IMEMNet's counts instead of the ``n_*`` params (the on-demand IMEMNet-scale run). Returns counts: songs (incl. long), long_songs, clips, iaps, naps,
     emotic, images.
     """
     p = section("synth", {"synth": dict(params)})
     _check_params(p)
-    sizes = {k: IMEMNET[k] if labels_only else p[f"n_{k}"] for k in ("iaps", "naps", "emotic")}
+    imemnet = bool(labels_only or imemnet_scale)
+    sizes = {k: IMEMNET[k] if imemnet else p[f"n_{k}"] for k in ("iaps", "naps", "emotic")}
     with atomic_dir(out) as tmp:
-        songs = _deam_songs(p, labels_only)
+        songs = _deam_songs(p, imemnet)
         summary = {"labels_only": bool(labels_only)}
-        summary.update(_write_deam(tmp, songs, p, labels_only, progress))
+        if imemnet_scale:
+            summary["imemnet_scale"] = True
+        summary.update(_write_deam(tmp, songs, p, labels_only, progress, imemnet))
         summary["iaps"] = _write_iaps(tmp, p, sizes["iaps"], labels_only, progress)
         summary["naps"] = _write_naps(tmp, p, sizes["naps"], labels_only, progress)
         summary["emotic"] = _write_emotic(tmp, p, sizes["emotic"], labels_only, progress)
