@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro repro-check repro-tolerance compare-all test data lint bench clean-venv
+.PHONY: install repro repro-check repro-tolerance compare-all imemnet-scale test data lint bench clean-venv
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,13 @@ repro-tolerance: install
 compare-all: data
 	dvc repro compare/dvc.yaml
 	@cat reports/comparison_full/comparison.md
+
+# The on-demand IMEMNet-scale run (issue 14): the embedded corpus at IMEMNet's counts (35,817 clips, 25,620
+# images; ~10 GB) in $(IMEMNET_WORK), prepare -> features -> train (fc_only) -> evaluate for cnn and
+# transformer_v2, timed per stage; writes reports/imemnet_scale/ (docs/benchmarks.md).
+IMEMNET_WORK ?= /tmp/imem-imemnet
+imemnet-scale: install
+	python benchmarks/imemnet_scale.py --work $(IMEMNET_WORK) --force
 
 test: install
 	python -m pytest
