@@ -178,6 +178,19 @@ def load_data(prepare_dir: str | Path, features_dir: str | Path, stats_path: str
 
 # --- metrics in the comparison's columns ---------------------------------------------------------------
 
+def feature_scale(train: torch.Tensor, dims: tuple[int, ...] = (0,), unbiased: bool = True,
+                  keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the training split's features for z-scoring ``(x - mean) / std``. A feature that is
+    (nearly) constant on the training split -- std at most 1e-3 x the median std, or 1e-6 -- gets std = inf,
+    so its z-score is 0 everywhere: the training split never varied it, so nothing can be learned from it, and
+    dividing by a std clamped to 1e-6 blew validation values up to |z| = 3,350 (measured on CMER-CL's frozen
+    ResNet18 features: one ReLU unit silent on every training clip), which wrecked model selection."""
+    mean = train.mean(dim=dims, keepdim=keepdim)
+    std = train.std(dim=dims, keepdim=keepdim, unbiased=unbiased)
+    floor = max(1e-3 * float(std.median()), 1e-6)
+    return mean, torch.where(std <= floor, torch.full_like(std, math.inf), std)
+
+
 def regression_columns(pred_va: dict[str, np.ndarray] | None = None, true_va: dict[str, np.ndarray] | None = None,
                        pred_sim: np.ndarray | None = None, true_sim: np.ndarray | None = None) -> dict[str, float]:
     """``sim_mse`` ... ``music_arousal_mae`` for what is given (``pred_va``: {"image": (n, 2), "music": ...})."""

@@ -45,6 +45,7 @@ from imem.methods.base import (
     MethodResult,
     RunContext,
     batches,
+    feature_scale,
     regression_columns,
     torch_threads,
 )
@@ -520,8 +521,7 @@ def check_config(cfg: dict) -> dict:
 
 
 def _standardise(train: torch.Tensor, *others: torch.Tensor, dims=(0,)) -> tuple[torch.Tensor, ...]:
-    mean = train.mean(dim=dims, keepdim=True)
-    std = train.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    mean, std = feature_scale(train, dims, keepdim=True)
     return tuple((x - mean) / std for x in (train, *others))
 
 

@@ -312,7 +312,7 @@ def _fit_evaluate(p: dict, cfg: dict, data: MethodData, ctx: RunContext, feats: 
     stats = {}
     for side in SIDES:
         x = feats[side]["train"]
-        mean, std = (x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)) if p["standardize"] else \
+        mean, std = base.feature_scale(x) if p["standardize"] else \
             (torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
         stats[side] = {"mean": mean, "std": std}
         feats[side] = {s: ((f - mean) / std).to(device) for s, f in feats[side].items()}

@@ -49,6 +49,7 @@ from imem.methods.base import (
     MethodResult,
     Rankings,
     RunContext,
+    feature_scale,
     matching_chance,
     matching_resampled,
     regression_columns,
@@ -292,8 +293,9 @@ class MMVANet(nn.Module):
 
     def set_standardization(self, feats: dict[str, torch.Tensor]) -> None:
         for side, x in feats.items():
-            getattr(self, f"mean_{side}").copy_(x.mean(dim=0))
-            getattr(self, f"std_{side}").copy_(x.std(dim=0, unbiased=False).clamp(min=1e-6))
+            mean, std = feature_scale(x, unbiased=False)
+            getattr(self, f"mean_{side}").copy_(mean)
+            getattr(self, f"std_{side}").copy_(std)
 
     def embed(self, side: str, x: torch.Tensor) -> torch.Tensor:
         return self.proj[side]((x - getattr(self, f"mean_{side}")) / getattr(self, f"std_{side}"))
