@@ -342,20 +342,21 @@ def test_rescore_gives_nan_where_a_resample_leaves_a_metric_undefined():
 
 
 def test_rescore_time_on_a_test_split_sized_draw():
-    """195 clips x 72 images, the embedded corpus's test split: one resample well under ~30 ms (generous
-    bound here: the machine may be busy)."""
+    """793 clips x 810 images, the embedded corpus's test split: one resample well under a second (generous
+    bound here: the machine may be busy), so 1,000 resamples per seed stay affordable."""
     import time
 
     rng = np.random.default_rng(0)
-    scores, truth = rng.uniform(size=(195, 72)), rng.uniform(0.3, 1.0, size=(195, 72))
-    clip_cls, image_cls = rng.integers(0, 5, 195), rng.integers(0, 6, 72)
-    full, _ = emo_clim.resample_row(scores, truth, image_cls, clip_cls, np.arange(195), np.arange(72), 0.7, 10)
+    nc, ni = 793, 810
+    scores, truth = rng.uniform(size=(nc, ni)), rng.uniform(0.3, 1.0, size=(nc, ni))
+    clip_cls, image_cls = rng.integers(0, 5, nc), rng.integers(0, 6, ni)
+    full, _ = emo_clim.resample_row(scores, truth, image_cls, clip_cls, np.arange(nc), np.arange(ni), 0.7, 10)
     rescore = emo_clim.rescorer(scores, truth, image_cls, clip_cls, 0.7, 10, list(full))
-    draws = [(np.sort(rng.integers(0, 195, 195)), np.sort(rng.integers(0, 72, 72))) for _ in range(20)]
+    draws = [(np.sort(rng.integers(0, nc, nc)), np.sort(rng.integers(0, ni, ni))) for _ in range(5)]
     t0 = time.perf_counter()
     for ci, ii in draws:
         rescore(ci, ii)
-    assert (time.perf_counter() - t0) / len(draws) < 0.25
+    assert (time.perf_counter() - t0) / len(draws) < 1.0
 
 
 # --- a short training run on the embedded corpus -----------------------------------------------------------

@@ -290,10 +290,10 @@ def test_top5_true_similarity_beats_random_on_the_embedded_corpus(tmp_path, caps
     music: every test image queries the clips. The true S (CDCML eq. 1 on the labels) of each query's top 5
     is compared with a random top 5, whose expectation is the query's mean S over the whole collection.
 
-    Measured (models/cnn, 195 clips of 15 songs, 72 images; docs/retrieval.md), margin (s.e. over queries):
-    music -> images, ranked by distance +0.152 (0.006), by predicted S +0.111 (0.006); image -> music, by
-    distance +0.072 (0.009), by predicted S +0.031 (0.009). The asserted floors (0.08, 0.05, 0.035, 0) sit
-    3.4 to 12 standard errors below the measured margins; a ranking that ignores the model has margin ~0."""
+    Measured (models/cnn, 793 clips of 61 songs, 810 images; docs/retrieval.md), margin (s.e. over queries):
+    music -> images, ranked by distance +0.173 (0.004), by predicted S +0.110 (0.003); image -> music, by
+    distance +0.144 (0.004), by predicted S +0.135 (0.003). The asserted floors (0.08, 0.05, 0.035, 0) sit
+    18 to 45 standard errors below the measured margins; a ranking that ignores the model has margin ~0."""
     import soundfile as sf
 
     from imem.data.pairs import similarity
