@@ -41,6 +41,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "Comparison at IMEMNet scale (embedded corpus at IMEMNet's counts: generated data, not a paper's table)"
+REHEARSAL = "Rehearsal of the IMEMNet-scale run at the params.yaml corpus size (embedded corpus: generated data)"
 OVERRIDES = {
     "prepare": {"split": {"train": 0.8, "val": 0.05, "test": 0.15}, "pairs": {"keep_fraction": 0.08}},
     "train": {"common": {"n_seeds": 1}},
@@ -105,7 +106,7 @@ def run_stage(name: str, argv: list[str], work: Path, env: dict, outputs: list[s
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# {TITLE}: cost per stage", "",
+    lines = [f"# {meta['title']}: cost per stage", "",
              f"Command: `{meta['command']}` ({meta['date']}; {meta['machine']}). Work directory: `{meta['work']}`.",
              "Peak RSS: the stage's own process (threads included) and its children; disk: the stage's outputs.",
              "", "| stage | wall time | CPU time | peak RSS | outputs on disk |", "|---|---|---|---|---|"]
@@ -154,14 +155,15 @@ def main() -> None:
     for v in args.variants:
         plan += [(f"train {v}", [f"{st}/train.py", v], [f"models/{v}", f"reports/train/{v}"]),
                  (f"evaluate {v}", [f"{st}/evaluate.py", v], [f"reports/evaluate/{v}"])]
-    plan.append(("compare", [f"{st}/compare.py", "--out", str(report), "--title", TITLE, "--variants", *args.variants],
+    title = TITLE if args.corpus == "imemnet" else REHEARSAL
+    plan.append(("compare", [f"{st}/compare.py", "--out", str(report), "--title", title, "--variants", *args.variants],
                  []))
     rows = []
     with open(work / "run.log", "w") as log:
         for name, argv, outs in plan:
             rows.append(run_stage(name, argv, work, env, outs, log))
     stats = json.loads((work / "reports" / "prepare" / "stats.json").read_text())
-    meta = {"command": "python benchmarks/imemnet_scale.py " + " ".join(sys.argv[1:]), "work": str(work),
+    meta = {"title": title, "command": "python benchmarks/imemnet_scale.py " + " ".join(sys.argv[1:]), "work": str(work),
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}", "corpus": args.corpus,
             "counts": stats["counts"],
