@@ -97,6 +97,17 @@ def retrieval(scores: np.ndarray, truth: np.ndarray, threshold: float, k_ndcg: i
     return PerQuery.of(scores, truth, threshold, k_ndcg, ks, spearman).summary()
 
 
+def weighted_means(per_query: dict[str, np.ndarray], weights: np.ndarray | None = None) -> dict[str, float]:
+    """Per metric, the mean of its per-query values over the queries it covers (finite values), each counted
+    ``weights`` times (default once: a bootstrap resample's draw counts); NaN where no such query is left."""
+    out: dict[str, float] = {}
+    for name, v in per_query.items():
+        w = np.ones(len(v)) if weights is None else np.asarray(weights, np.float64)
+        ok = np.isfinite(v) & (w > 0)
+        out[name] = float(np.dot(w[ok], v[ok]) / w[ok].sum()) if ok.any() else math.nan
+    return out
+
+
 @dataclass(frozen=True)
 class PerQuery:
     """Every ranking metric of :func:`retrieval` per query, so that a bootstrap resample of the *queries*
@@ -136,10 +147,7 @@ class PerQuery:
         """The metrics of the queries counted ``weights`` times each (default: once), as :func:`retrieval`."""
         n = len(next(iter(self.values.values())))
         w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
-        out: dict[str, float] = {}
-        for name, v in self.values.items():
-            ok = np.isfinite(v) & (w > 0)
-            out[name] = float(np.dot(w[ok], v[ok]) / w[ok].sum()) if ok.any() else math.nan
+        out = weighted_means(self.values, w)
         out["queries"] = int(round(w.sum()))
         out["queries_with_relevant"] = int(round(w[np.isfinite(self.values["mrr"])].sum()))
         return out

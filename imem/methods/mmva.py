@@ -55,7 +55,7 @@ from imem.methods.base import (
     regression_columns,
     torch_threads,
 )
-from imem.metrics import expected_hit_at_k
+from imem.metrics import expected_hit_at_k, weighted_means
 from imem.models.decoders import MLPDecoder
 
 LABEL = "MMVA"
@@ -374,12 +374,7 @@ def t2m_per_query(scores: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] 
 def t2m_summary(per_query: dict[str, np.ndarray], weights: np.ndarray | None = None) -> dict[str, float]:
     """The mean of :func:`t2m_per_query` over the queries with a relevant candidate, each counted ``weights``
     times (default once); NaN where none is left."""
-    out = {}
-    for name, v in per_query.items():
-        w = np.ones(len(v)) if weights is None else np.asarray(weights, np.float64)
-        ok = np.isfinite(v) & (w > 0)
-        out[name] = float(np.dot(w[ok], v[ok]) / w[ok].sum()) if ok.any() else math.nan
-    return out
+    return weighted_means(per_query, weights)
 
 
 def t2m_metrics(scores: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] = T2M_KS,
