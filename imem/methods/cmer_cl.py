@@ -204,9 +204,6 @@ def retrieval_columns(dist: np.ndarray, idx: np.ndarray | None = None) -> dict[s
     (m2e: ``dist[idx, :]``, e2m: ``dist.T[idx, :]``, relevance ``eye(n)[idx, :]``), so its rank is its plain
     full-split rank and a clip drawn k times counts k times. Without ``idx``: ``arange(n)``, the full split
     (the same code path, the same numbers)."""
-    dist = np.asarray(dist, dtype=np.float64)
-    if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
-        raise ImemError(f"retrieval needs a square (music x emotion) distance matrix, got {dist.shape}")
     return columns_from_ranks(query_ranks(dist), idx)
 
 
