@@ -39,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from imem.io import atomic_path
+
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "Comparison at IMEMNet scale (embedded corpus at IMEMNet's counts: generated data, not a paper's table)"
 REHEARSAL = "Rehearsal of the IMEMNet-scale run at the params.yaml corpus size (embedded corpus: generated data)"
@@ -131,16 +133,22 @@ def main() -> None:
                     help="imemnet: IMEMNet's counts (the run); params: the params.yaml sizes (a quick rehearsal)")
     ap.add_argument("--force", action="store_true", help="replace an existing work directory")
     ap.add_argument("--clean", action="store_true", help="delete the work directory after the run")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the work directory and skip the stages a previous run finished (their figures are kept)")
     args = ap.parse_args()
 
     work, report = Path(args.work).resolve(), Path(args.report).resolve()
-    if work.exists() and any(work.iterdir()):
+    done_file = work / "stages_done.json"
+    done = json.loads(done_file.read_text()) if args.resume and done_file.is_file() else []
+    if args.resume and not done:
+        raise SystemExit(f"error: --resume: {done_file} holds no finished stage; run without --resume")
+    if not args.resume and work.exists() and any(work.iterdir()):
         if not args.force:
             raise SystemExit(f"error: {work} exists and is not empty: pass --force to replace it")
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free / 1e9
-    if args.corpus == "imemnet" and free < 25:
+    if args.corpus == "imemnet" and free < 25 and not args.resume:
         raise SystemExit(f"error: {work} has {free:.0f} GB free; the IMEMNet-scale run needs about 25 GB")
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), OVERRIDES)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -158,10 +166,15 @@ def main() -> None:
     title = TITLE if args.corpus == "imemnet" else REHEARSAL
     plan.append(("compare", [f"{st}/compare.py", "--out", str(report), "--title", title, "--variants", *args.variants],
                  []))
-    rows = []
-    with open(work / "run.log", "w") as log:
+    rows = [r for r in done if r["stage"] in {name for name, _, _ in plan}]
+    with open(work / "run.log", "a" if args.resume else "w") as log:
         for name, argv, outs in plan:
+            if any(r["stage"] == name for r in rows):
+                print(f"[imemnet-scale] {name}: finished by the previous run, skipped (--resume)", flush=True)
+                continue
             rows.append(run_stage(name, argv, work, env, outs, log))
+            with atomic_path(done_file) as tmp:  # after each stage: what --resume skips
+                tmp.write_text(json.dumps(rows, indent=2))
     stats = json.loads((work / "reports" / "prepare" / "stats.json").read_text())
     meta = {"title": title, "command": "python benchmarks/imemnet_scale.py " + " ".join(sys.argv[1:]), "work": str(work),
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "

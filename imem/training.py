@@ -151,15 +151,20 @@ class Inputs:
 
 @torch.no_grad()
 def backbone_cache(backbone: torch.nn.Module, fetch: Inputs, rows: torch.Tensor, batch_size: int,
-                   device: torch.device, desc: str, progress: bool) -> tuple[torch.Tensor, dict[int, int]]:
-    """Frozen-backbone outputs for the unique ``rows``: (n, ...) float32 on CPU and row -> index."""
+                   device: torch.device, desc: str, progress: bool,
+                   reduce=None) -> tuple[torch.Tensor, dict[int, int]]:
+    """Frozen-backbone outputs for the unique ``rows``: (n, ...) float32 on CPU and row -> index.
+    ``reduce``: applied to each batch's outputs before they are kept (a head's parameter-free token
+    selection, :meth:`imem.models.encoders.Head.reduce`), so a CLS head's cache holds one token per item
+    instead of the whole sequence (issue 14: 197x less memory at IMEMNet scale)."""
     uniq = torch.unique(rows)
     backbone.eval()
     outs = []
     for start in tqdm(range(0, len(uniq), batch_size), desc=desc, unit="batch", disable=not progress):
         x = fetch(uniq[start:start + batch_size]).to(device)
         with _autocast(device):
-            outs.append(backbone(x).float().cpu())
+            out = backbone(x).float()
+        outs.append((reduce(out) if reduce is not None else out).cpu())
     return torch.cat(outs), {int(r): i for i, r in enumerate(uniq.tolist())}
 
 
@@ -277,6 +282,10 @@ class Trainer:
         m = self.model
         return (m.image_backbone if side == "image" else m.music_backbone) if isinstance(m, MatchingModel) else m.backbone
 
+    def _head(self, side: str):
+        m = self.model
+        return (m.image_head if side == "image" else m.music_head) if isinstance(m, MatchingModel) else m.head
+
     def _items(self, d: SplitData):
         return d.items_image if self.kind == "unimodal_image" else d.items_music
 
@@ -290,13 +299,16 @@ class Trainer:
         for side in self.sides:
             rows = torch.cat([getattr(d, f"{side}_rows") if self.kind == "matching" else self._items(d)[0]
                               for d in data] + [getattr(d, f"items_{side}")[0] for d in data])
-            key = cache_key(self.backbones[side], self.cfg[f"{side}_encoder"], self.store, rows) if memo is not None else None
+            head = self._head(side)
+            key = (cache_key(self.backbones[side], self.cfg[f"{side}_encoder"], self.store, rows, head.reduction)
+                   if memo is not None else None)
             hit = memo.get(key) if key is not None else None
             if hit is not None:
                 self.cache[side] = hit
                 continue
             self.cache[side] = backbone_cache(self.backbones[side], self.fetch[side], rows, int(self.cfg["cache_batch_size"]),
-                                              self.device, f"{self.cfg['variant']}: {side} backbone cache", self.progress)
+                                              self.device, f"{self.cfg['variant']}: {side} backbone cache", self.progress,
+                                              head.reduce if head.reduction != "none" else None)
             if key is not None:
                 memo[key] = self.cache[side]
         return time.perf_counter() - t0
@@ -426,8 +438,7 @@ class Trainer:
     def embed(self, side: str, rows: torch.Tensor) -> torch.Tensor:
         """The head outputs f_I / f_M (the shared embedding space) for item rows of one modality."""
         self.model.eval()
-        m = self.model
-        head = (m.image_head if side == "image" else m.music_head) if isinstance(m, MatchingModel) else m.head
+        head = self._head(side)
         return torch.cat([head(self._h(side, rows[i:i + 256])).float().cpu() for i in range(0, len(rows), 256)])
 
     @torch.no_grad()
@@ -491,9 +502,11 @@ class _ShardStep(torch.nn.Module):
         return {k: out[k] for k in self.keys}
 
 
-def cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: torch.Tensor) -> tuple:
+def cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: torch.Tensor,
+              reduction: str = "none") -> tuple:
     """What a frozen backbone's cached outputs depend on: its weights, its input spec, the feature store
-    (path and manifest), the rows and the torch version (:class:`imem.features.frozen.BackboneMemo`)."""
+    (path and manifest), the rows, the torch version and device, and the head's token reduction
+    (:attr:`imem.models.encoders.Head.reduction`; see :class:`imem.features.frozen.BackboneMemo`)."""
     import hashlib
     import json
 
@@ -503,7 +516,8 @@ def cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: 
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     rows_digest = hashlib.sha256(torch.unique(rows).numpy().tobytes()).hexdigest()
     return (h.hexdigest(), json.dumps(spec, sort_keys=True), str(store.dir.resolve()),
-            json.dumps(store.manifest, sort_keys=True), rows_digest, torch.__version__, _module_device(backbone))
+            json.dumps(store.manifest, sort_keys=True), rows_digest, torch.__version__, _module_device(backbone),
+            reduction)
 
 
 def _module_device(m: torch.nn.Module) -> str:

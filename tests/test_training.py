@@ -80,6 +80,31 @@ def test_resume_ends_with_the_same_weights_and_metrics(pipeline, tmp_path):
     assert {k: v for k, v in full.items()} == {k: v for k, v in resumed.items()}
 
 
+@pytest.mark.parametrize("head", ["cls", "mean"])
+def test_frozen_cache_keeps_only_what_the_head_reads_and_trains_the_same(pipeline, tmp_path, monkeypatch, head):
+    """Issue 14 item 4: a CLS/mean head's frozen cache holds one vector per item, not the token sequence,
+    and training on it gives the very numbers that training on the cached sequences gives."""
+    import imem.training as training
+
+    cfg = dict(_cfg("transformer_v2"), image_head=head, music_head=head)
+    t = training.Trainer(cfg, pipeline / "prepare", pipeline / "features", progress=False)
+    t.build_cache()
+    for side in ("image", "music"):
+        feats, _ = t.cache[side]
+        assert feats.dim() == 2 and feats.shape[1] == t._head(side).fc.in_features, (side, feats.shape)
+    reduced = train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "a", tmp_path / "ra",
+                            track=False, progress=False)
+    whole = training.backbone_cache
+    monkeypatch.setattr(training, "backbone_cache", lambda *a, **k: whole(*a[:7]))  # no reduce: whole sequences
+    t = training.Trainer(cfg, pipeline / "prepare", pipeline / "features", progress=False)
+    t.build_cache()
+    assert t.cache["image"][0].dim() == 3
+    full = train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "b", tmp_path / "rb",
+                         track=False, progress=False)
+    assert (tmp_path / "ra" / "history.csv").read_bytes() == (tmp_path / "rb" / "history.csv").read_bytes()
+    assert reduced == full
+
+
 def test_resume_without_checkpoint(pipeline, tmp_path):
     with pytest.raises(ImemError, match=r"--resume: no checkpoint at .*last.pt"):
         train_variant(_cfg("cnn"), pipeline / "prepare", pipeline / "features", tmp_path / "m", tmp_path / "r",

@@ -263,16 +263,36 @@ class Head(nn.Module):
         self.norm = nn.BatchNorm1d(in_dim) if norm == "batchnorm" else nn.Identity()
         self.fc = nn.Linear(in_dim, embed_dim)
 
+    @property
+    def reduction(self) -> str:
+        """The parameter-free first step of the head: ``none`` (pool, flatten: the FC reads every value),
+        ``cls`` (the first token) or ``mean`` (over the tokens; also ``cls`` for an encoder without a CLS token)."""
+        if self.strategy in ("pool", "flatten"):
+            return "none"
+        return "cls" if self.strategy == "cls" and self.has_cls else "mean"
+
+    def reduce(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` after :attr:`reduction`. A frozen backbone's cache stores this rather than the whole sequence
+        (:func:`imem.training.backbone_cache`): a CLS head reads one token of 197."""
+        if self.reduction == "cls":
+            return h[:, 0]
+        if self.reduction == "mean":
+            return h.mean(dim=1)
+        return h
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.strategy == "pool":
+            z = h
+        elif h.dim() == 2:  # already reduced: the frozen-backbone cache's rows (see ``reduce``)
+            if h.shape[1] != self.fc.in_features:
+                raise ImemError(f"head {self.strategy} expects reduced inputs of width {self.fc.in_features}, "
+                                f"got {h.shape[1]}")
             z = h
         elif self.strategy == "flatten":
             if h.shape[1] != self.seq_len:
                 raise ImemError(f"head v1 (flatten) was built for sequences of {self.seq_len} tokens, got {h.shape[1]}: "
                                 "use the same input length as in training, or head cls/mean")
             z = h.flatten(1)
-        elif self.strategy == "cls" and self.has_cls:
-            z = h[:, 0]
-        else:  # mean, or cls for an encoder without a CLS token (BEATs): the mean of the tokens
-            z = h.mean(dim=1)
+        else:  # contiguous, as the cache's rows are: the FC then gives the same bits on either path
+            z = self.reduce(h).contiguous()
         return self.fc(self.norm(z))
