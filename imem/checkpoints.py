@@ -1,21 +1,106 @@
-"""Reading the train stage's checkpoints: ``best.pt`` holds {model, config, epoch}, ``last.pt`` the whole
-Trainer state (which includes model and config too). Used by evaluation and by user-side inference."""
+"""Reading and writing model files safely.
+
+Every file imem writes (``best.pt``, ``last.pt``, a method's ``model.pt``, the frozen-backbone memo) holds
+tensors and plain containers only (dicts, lists, tuples, str, int, float, bool, None), so every file imem
+reads is loaded with ``torch.load(..., weights_only=True)``: its unpickler refuses any other Python object,
+so a crafted ``.pt`` whose pickle would call ``os.system`` is refused instead of run (issue 16 item 1).
+:func:`plain` turns what a config may hold (NumPy scalars, paths) into those plain types before a save.
+
+``best.pt`` holds {model, config, epoch}; ``last.pt`` the whole Trainer state (which includes model and
+config too). Used by training (resume), evaluation and user-side inference.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import re
+from collections import OrderedDict
+from pathlib import Path, PurePath
 
+import numpy as np
 import torch
 
 from imem.errors import ImemError
+from imem.io import atomic_path
+
+# the keys of an imem checkpoint's config that evaluation and inference read (anything else is optional)
+REQUIRED_CONFIG = ("kind", "variant")
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's dict (on the CPU); an unreadable file or a foreign one is one error line."""
+def load_failure(exc: Exception) -> str:
+    """The telling line of a ``torch.load`` failure (its messages span many lines with ANSI colours)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error:" in ln:  # the reason follows on the same line or the next one
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            line = rest or (lines[i + 1] if i + 1 < len(lines) else line)
+            break
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def safe_load(path: str | Path, what: str = "checkpoint"):
+    """``torch.load`` with ``weights_only=True`` on the CPU; any failure is one :class:`ImemError` line
+    naming the file. A file that needs more than tensors and plain containers is refused, not run."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ImemError(f"{path}: no such {what}") from exc
     except Exception as exc:  # torch raises many kinds (pickle, zip, EOF, ...)
-        raise ImemError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise ImemError(f"{path}: not an imem checkpoint (expected a dict with 'model' and 'config')")
+        reason = load_failure(exc)
+        if "Unsupported global" in reason or "Unsupported operand" in reason or "weights_only" in str(exc):
+            raise ImemError(f"{path}: refused: this {what} holds Python objects beyond tensors and plain "
+                            f"containers, which could run code when loaded ({reason}); imem never writes "
+                            "such files") from exc
+        raise ImemError(f"{path}: not a readable {what} ({reason})") from exc
+
+
+def plain(obj):
+    """``obj`` with NumPy scalars/arrays, paths and sets turned into the plain types ``weights_only``
+    loading accepts (tensors and ``torch.Size`` stay as they are)."""
+    if isinstance(obj, (torch.Tensor, torch.Size)):
+        return obj
+    if isinstance(obj, dict):
+        out = {plain(k): plain(v) for k, v in obj.items()}
+        if not isinstance(obj, OrderedDict):
+            return out
+        kept = OrderedDict(out)  # an OrderedDict state dict: its type and its version _metadata stay
+        if hasattr(obj, "_metadata"):
+            kept._metadata = obj._metadata
+        return kept
+    if type(obj) in (list, tuple):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, (list, tuple)):  # a namedtuple or other subclass: a list
+        return [plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, PurePath):
+        return str(obj)
+    return obj
+
+
+def save(obj: dict, path: Path) -> None:
+    """torch.save of :func:`plain` ``obj`` through an in-memory buffer, then an atomic write. Saving to the
+    temporary file directly would name the archive's top folder after the (random) temp name, so identical
+    checkpoints would differ in bytes and DVC hashes would change on every re-run."""
+    buf = io.BytesIO()
+    torch.save(plain(obj), buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def read_checkpoint(path: str | Path, keys: tuple[str, ...] = ("model", "config")) -> dict:
+    """The checkpoint's dict (on the CPU); an unreadable, unsafe, foreign or incomplete file is one error line."""
+    ck = safe_load(path)
+    if not isinstance(ck, dict) or any(k not in ck for k in keys):
+        raise ImemError(f"{path}: not an imem checkpoint (expected a dict with {', '.join(repr(k) for k in keys)})")
+    cfg = ck["config"]
+    missing = [k for k in REQUIRED_CONFIG if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ImemError(f"{path}: the checkpoint's config lacks {', '.join(repr(k) for k in missing)}: "
+                        "not a complete imem checkpoint")
     return ck

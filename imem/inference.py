@@ -125,7 +125,10 @@ def _local_weights(cfg: dict) -> dict:
 def _from_checkpoint(path: Path, source: str) -> LoadedModel:
     ck = read_checkpoint(path)
     cfg = ck["config"]
-    model = build_model(_local_weights(cfg))
+    try:
+        model = build_model(_local_weights(cfg))
+    except KeyError as exc:
+        raise ImemError(f"{path}: the checkpoint's config lacks {exc.args[0]!r}: not a complete imem checkpoint") from exc
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:
@@ -134,32 +137,13 @@ def _from_checkpoint(path: Path, source: str) -> LoadedModel:
     return LoadedModel(model.eval(), cfg, source)
 
 
-def _parse(v: str):
-    if v == "None":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
-def _unflatten(params: dict) -> dict:
-    """The inverse of :func:`imem.tracking.flatten` for scalar values (lists stay comma-joined strings)."""
-    out: dict = {}
-    for key, value in params.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _parse(value)
-    return out
-
-
 def _from_mlflow(uri: str) -> LoadedModel:
+    """The best checkpoint (``checkpoints/best.pt``, which the train stage logs to every run) of the run that
+    ``uri`` names, read with ``weights_only`` like any checkpoint file. The pickled model the run also logs
+    (for ``mlflow.pytorch.load_model`` users) is never unpickled here: unpickling runs code (issue 16 item 1)."""
+    import tempfile
+
     import mlflow
-    import mlflow.pytorch
 
     from imem.tracking import tracking_uri
 
@@ -176,15 +160,19 @@ def _from_mlflow(uri: str) -> LoadedModel:
             else:
                 name, _, version = ref.partition("/")
                 run_id = client.get_model_version(name, version).run_id
-        cfg = _unflatten(client.get_run(run_id).data.params)
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        client.get_run(run_id)
+        names = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+        if "checkpoints/best.pt" not in names:
+            raise ImemError(f"MLflow model {uri}: run {run_id} has no checkpoints/best.pt artifact (imem reads a run's "
+                            "weights from its checkpoint only, never by unpickling a logged model)")
+        with tempfile.TemporaryDirectory(prefix="imem-mlflow-") as tmp:
+            path = Path(client.download_artifacts(run_id, "checkpoints/best.pt", tmp))
+            loaded = _from_checkpoint(path, uri)
     except ImemError:
         raise
-    except Exception as exc:  # MlflowException, missing artifacts, unpickling errors
+    except Exception as exc:  # MlflowException, missing runs or artifacts
         raise ImemError(f"cannot load MLflow model {uri} from {tracking_uri()}: {str(exc).splitlines()[0]}") from exc
-    if cfg.get("kind") not in ("matching", "unimodal_image", "unimodal_music"):
-        raise ImemError(f"MLflow model {uri}: its run has no imem 'kind' param (not an imem training run)")
-    return LoadedModel(model.eval(), cfg, uri)
+    return LoadedModel(loaded.model, loaded.cfg, uri)
 
 
 def load_model(spec: str | Path = DEFAULT_MODEL) -> LoadedModel:
@@ -229,21 +217,20 @@ MAX_IMAGE_PIXELS = 1_000_000_000
 
 
 def load_user_image(path: Path, size: int) -> np.ndarray:
-    """:func:`load_image` for user files of any size. PIL refuses images over ~179 megapixels (a guard
-    against decompression bombs); every image is downscaled to size x size at once, so the guard is
-    raised to MAX_IMAGE_PIXELS (1 gigapixel, about 3 GB decoded) while it loads; larger is one error line."""
+    """:func:`load_image` for user files of any size up to MAX_IMAGE_PIXELS (1 gigapixel, about 3 GB
+    decoded), refused by the header's dimensions before anything is decoded (issue 16 item 4). PIL's own
+    decompression-bomb guard (a warning over ~89 megapixels, an error over twice its limit) is replaced
+    by this one exact limit while the image loads; every image is downscaled to size x size at once."""
     import warnings
 
     from PIL import Image
 
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the header check in load_image enforces MAX_IMAGE_PIXELS itself
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return load_image(path, size)
-    except Image.DecompressionBombError as exc:
-        raise ImemError(f"image file {path} is too large: {str(exc).splitlines()[0]}") from exc
+            return load_image(path, size, max_pixels=MAX_IMAGE_PIXELS)
     finally:
         Image.MAX_IMAGE_PIXELS = old
 

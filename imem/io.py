@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,12 +29,53 @@ def _publish_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove what a killed writer of ``path`` left beside it: temporaries ``.<name>.<pid>.*.tmp`` whose
+    process is gone (or that carry no pid: written before pids were recorded) and ``.<name>.old``
+    (issue 16 item 8: a killed ``features`` stage left 16 MB that later successful runs kept)."""
+    removed = []
+    prefix = f".{path.name}."
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        # mkstemp's random part has no dots, so another target's temporaries (``.a.b.<pid>.x.tmp`` for a
+        # sibling ``a.b`` when cleaning for ``a``) never match
+        m = re.fullmatch(r"(?:(\d+)\.)?[a-z0-9_]+\.tmp", p.name[len(prefix):])
+        if m is None or (m.group(1) is not None and process_alive(int(m.group(1)))):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and path.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        removed.append(old)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters taken literally."""
+    import glob
+
+    return glob.escape(name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``."""
+    """Yield a temporary path next to ``path``; on success rename it over ``path``. Temporaries of killed
+    earlier writers are removed first (:func:`clean_stale`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -47,10 +89,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; on success it replaces ``path`` whole."""
+    """Yield a temporary directory next to ``path``; on success it replaces ``path`` whole. Temporaries of
+    killed earlier writers are removed first (:func:`clean_stale`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         _publish_mode(tmp, directory=True)

@@ -59,20 +59,81 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_tags() -> dict:
+    """Where a run's process lives: host, boot and pid, so a later start can tell a dead RUNNING run."""
+    import socket
+
+    return {"imem.host": socket.gethostname(), "imem.boot_id": _boot_id(), "imem.pid": str(os.getpid())}
+
+
+def mark_dead_runs(client, experiment_id: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """RUNNING runs of the experiment whose process is gone (kill -9, OOM killer, power loss) are marked
+    KILLED (issue 16 item 6); returns their ids. Only runs started on this host in this boot are judged, by
+    their ``imem.pid`` tag: a run of another machine (or of before a reboot) cannot be checked from here and
+    is left as it is. A pid reused by a live process keeps its run RUNNING (the safe side)."""
+    from imem.io import process_alive
+
+    me = process_tags()
+    try:
+        runs = client.search_runs([experiment_id], max_results=1000,
+                                  filter_string=f"attributes.status = 'RUNNING' and tags.`imem.host` = '{me['imem.host']}'")
+    except Exception:  # an old store without these tags, or a server that cannot filter: nothing to judge
+        return []
+    dead = []
+    for r in runs:
+        tags = r.data.tags
+        pid = tags.get("imem.pid", "")
+        if r.info.run_id in keep or tags.get("imem.boot_id") != me["imem.boot_id"] or not pid.isdigit():
+            continue
+        if not process_alive(int(pid)):
+            client.set_tag(r.info.run_id, "imem.killed", "its process was gone when a later run of this "
+                                                        f"experiment started (pid {pid})")
+            client.set_terminated(r.info.run_id, status="KILLED")
+            dead.append(r.info.run_id)
+    return dead
+
+
 @contextlib.contextmanager
 def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None = None,
-               nested: bool = False) -> Iterator[object]:
-    """An MLflow run with all params and the standard tags; an exception marks it FAILED."""
+               nested: bool = False, resume_tags: dict | None = None) -> Iterator[object]:
+    """An MLflow run with all params and the standard tags; an exception marks it FAILED. Dead RUNNING runs
+    of the experiment are marked KILLED first (:func:`mark_dead_runs`). ``resume_tags``: continue the latest
+    run of the experiment whose tags have these values (a resumed training finds its run by the content hash
+    of the checkpoint it resumes from); when the store has none, a new run tagged ``imem.resumed`` (the
+    caller re-logs the earlier epochs)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     try:
-        mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(experiment)
+        client = mlflow.tracking.MlflowClient()
+        found = None
+        if resume_tags:
+            where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in resume_tags.items())
+            hits = client.search_runs([exp.experiment_id], filter_string=where, max_results=1,
+                                      order_by=["attributes.start_time DESC"])
+            found = hits[0] if hits else None
+        mark_dead_runs(client, exp.experiment_id, keep=(found.info.run_id,) if found else ())
     except Exception as exc:  # a broken or unreachable store
         raise ImemError(f"MLflow tracking store {tracking_uri()}: {str(exc).splitlines()[0]}") from exc
+    if found is not None:
+        with mlflow.start_run(run_id=found.info.run_id, nested=nested) as run:
+            resumed = int(found.data.tags.get("imem.resumes", "0")) + 1
+            mlflow.set_tags({**process_tags(), "imem.resumes": str(resumed)})
+            yield run
+        return
     std_tags = {"git.commit": git_commit(), "dvc.stage": os.environ.get("DVC_STAGE", ""),
                 "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-                "imem.corpus": params.get("corpus", "")}
+                "imem.corpus": params.get("corpus", ""), **process_tags()}
+    if resume_tags:
+        std_tags["imem.resumed"] = "from a checkpoint whose run this store does not hold"
     with mlflow.start_run(run_name=run_name, nested=nested, tags={**std_tags, **(tags or {})}) as run:
         flat = {k: v for k, v in flatten(params).items()}
         items = list(flat.items())
@@ -92,6 +153,7 @@ def variant_run(variant: str, best_sha256: str, params: dict) -> Iterator[object
     mlflow.set_tracking_uri(tracking_uri())
     try:
         exp = mlflow.set_experiment("imem-train")
+        mark_dead_runs(mlflow.tracking.MlflowClient(), exp.experiment_id)  # e.g. a killed earlier evaluation
         found = mlflow.search_runs([exp.experiment_id], output_format="list", max_results=1,
                                    filter_string=f"tags.`imem.variant` = '{variant}' and "
                                                  f"tags.`imem.best_sha256` = '{best_sha256}'",
@@ -100,6 +162,7 @@ def variant_run(variant: str, best_sha256: str, params: dict) -> Iterator[object
         raise ImemError(f"MLflow tracking store {tracking_uri()}: {str(exc).splitlines()[0]}") from exc
     if found:
         with mlflow.start_run(run_id=found[0].info.run_id) as run:
+            mlflow.set_tags(process_tags())  # this process now holds the run (a kill leaves it to the next sweep)
             yield run
         return
     with mlflow_run("imem-train", variant, params, tags={"imem.variant": variant, "imem.best_sha256": best_sha256,

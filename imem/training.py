@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from imem import distributed as ddp
+from imem.checkpoints import read_checkpoint, safe_load, save
 from imem.errors import ImemError
 from imem.features.store import FeatureStore, beats_fbank
-from imem.io import atomic_path, file_sha256, write_csv, write_json
+from imem.io import file_sha256, write_csv, write_json
 from imem.losses import LOSS_NAMES, LossCombiner, NonFiniteLoss, cdcml_losses, mse
 from imem.models.matching import MatchingModel, build_model
 
@@ -53,6 +55,11 @@ def variant_config(train_params: dict, variant: str) -> dict:
     if unknown:
         raise ImemError(f"params: unknown key 'train.variants.{variant}.{unknown[0]}'")
     cfg.update(over)
+    from imem.params import Common, validate
+
+    # a variant's overrides get the types and ranges of train.common, named by where they were set
+    cfg.update(validate(Common, {k: v for k, v in cfg.items() if k in Common.model_fields}, "train.common",
+                        keys_from={k: f"train.variants.{variant}" for k in over}))
     cfg["variant"] = variant
     if cfg.get("kind") not in KINDS:
         raise ImemError(f"params: train.variants.{variant}.kind = {cfg.get('kind')!r} is not one of: {', '.join(KINDS)}")
@@ -527,18 +534,6 @@ def _module_device(m: torch.nn.Module) -> str:
     return "cpu"
 
 
-def save(obj: dict, path: Path) -> None:
-    """torch.save through an in-memory buffer, then an atomic write. Saving to the temporary file
-    directly would name the archive's top folder after the (random) temp name, so identical
-    checkpoints would differ in bytes and DVC hashes would change on every re-run."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-
-
 def train_variant(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, model_dir: str | Path,
                   report_dir: str | Path, resume: bool = False, stop_after: int | None = None,
                   track: bool = True, progress: bool = True, on_epoch=None, cache_memo: dict | None = None) -> dict:
@@ -591,11 +586,21 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
     trainer = Trainer(cfg, prepare_dir, features_dir, progress)
     last = model_dir / "last.pt"
     if resume and last.is_file():
-        trainer.load_state(torch.load(last, map_location="cpu", weights_only=False))
+        state = safe_load(last, "training state")
+        check_resume_config(state.get("config", {}), cfg, last)
+        trainer.load_state(state)
+        if progress:
+            print(f"resuming {cfg['variant']} from {last} after epoch {trainer.epoch} of {cfg['epochs']}, "
+                  "with the config it was started with", file=sys.stderr)
     elif resume:
         raise ImemError(f"--resume: no checkpoint at {last}")
-    run_ctx = _tracking(cfg, track)
-    with run_ctx:
+    # the run that wrote last.pt is found by last.pt's content hash (tagged after every epoch's save): the
+    # checkpoint itself holds no run id, so identical trainings keep byte-identical checkpoints (DVC hashes)
+    resume_tags = {"imem.last_sha256": file_sha256(last)} if resume else None
+    with _tracking(cfg, track, resume_tags) as run:
+        if run is not None and resume and run.data.tags.get("imem.last_sha256") != resume_tags["imem.last_sha256"]:
+            for row in trainer.history:  # a new run (the store lost the old one): it gets the whole history
+                _log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"], track)
         cache_s = trainer.build_cache(memo=cache_memo) if trainer.fc_only else 0.0
         _log({"cache_seconds": cache_s}, 0, track)
         epochs = int(cfg["epochs"])
@@ -614,6 +619,10 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
                     save({"model": trainer.model.state_dict(), "config": cfg, "epoch": row["epoch"]}, model_dir / "best.pt")
             if main:
                 save(trainer.state(), last)
+                if track:
+                    import mlflow
+
+                    mlflow.set_tag("imem.last_sha256", file_sha256(last))  # what --resume looks the run up by
             _epoch_hook(on_epoch, row, main, trainer.dist)
         bar.close()
         report = {"variant": cfg["variant"], "epochs": trainer.epoch, "best_epoch": trainer.best["epoch"],
@@ -624,7 +633,7 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
         hist = pd.DataFrame(trainer.history)
         write_csv(report_dir / "history.csv", hist, float_format="%.6g")
         if report["finished"]:
-            best = torch.load(model_dir / "best.pt", map_location="cpu", weights_only=False)
+            best = read_checkpoint(model_dir / "best.pt")
             trainer.model.load_state_dict(best["model"])
             for split in ("val", "test"):
                 with trainer.threads():
@@ -663,7 +672,29 @@ def _epoch_hook(on_epoch, row: dict, main: bool, dist: bool) -> None:
         raise StoppedByRank0(f"rank 0 stopped training after epoch {row['epoch']} (its on_epoch hook raised: a pruned trial)")
 
 
-def _tracking(cfg: dict, track: bool):
+# Keys that may differ on --resume: they change where and how fast, not what is computed.
+RESUME_FREE = ("cpu_threads",)
+
+
+def check_resume_config(saved: dict, cfg: dict, path: Path) -> None:
+    """``--resume`` continues the exact config that ``last.pt`` was started with (issue 16 item 5): a changed
+    key (an lr, more epochs, another optimizer) would silently mix two configs, so it is one error naming
+    the keys. Only :data:`RESUME_FREE` keys may change."""
+    import json
+
+    def norm(v):
+        return json.dumps(v, sort_keys=True, default=str)
+
+    changed = [k for k in sorted(set(saved) | set(cfg)) if k not in RESUME_FREE
+               and norm(saved.get(k, "<absent>")) != norm(cfg.get(k, "<absent>"))]
+    if changed:
+        shown = ", ".join(f"{k} ({saved.get(k, '<absent>')!r} -> {cfg.get(k, '<absent>')!r})" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ImemError(f"--resume: params changed since {path} was written: {shown}{more}; a resume continues the "
+                        "exact config: restore them, or train afresh without --resume")
+
+
+def _tracking(cfg: dict, track: bool, resume_tags: dict | None = None):
     import contextlib
 
     if not track:
@@ -673,7 +704,7 @@ def _tracking(cfg: dict, track: bool):
     ts = int(cfg.get("train_seed", cfg["seed"]))
     name = cfg["variant"] if ts == int(cfg["seed"]) else f"{cfg['variant']} (training seed {ts})"
     return mlflow_run("imem-train", name, {**cfg, "corpus": cfg.get("corpus", "")},
-                      tags={"imem.variant": cfg["variant"], "imem.train_seed": str(ts)})
+                      tags={"imem.variant": cfg["variant"], "imem.train_seed": str(ts)}, resume_tags=resume_tags)
 
 
 def _log(metrics: dict, step: int, track: bool) -> None:

@@ -152,14 +152,75 @@ def claim_lock(storage: optuna.storages.BaseStorage, url: str) -> Iterator[None]
     else:
         raise ImemError(f"Optuna storage {_redact(url)}: workers can share only PostgreSQL, SQLite or journal "
                         "files (no claim lock for this backend)")
+    with _file_lock(path):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
     # not "<file>.lock": Optuna's journal backend takes that name for its own (symlink) lock, and a regular
     # file there made every journal write wait for that lock's 30-s timeout
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{path}.claim-lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def setup_lock(url: str) -> Iterator[None]:
+    """Held while a worker opens the storage (Optuna creates its tables and alembic version on first use)
+    and creates or loads the study: two workers starting on a new storage otherwise race there
+    (``UNIQUE constraint failed: alembic_version.version_num``, ``table studies already exists``; issue 16
+    item 3). The same file lock as :func:`claim_lock` for SQLite and journal files; a PostgreSQL advisory
+    lock of its own key on a short-lived connection."""
+    if url.endswith(".journal") and "://" not in url:
+        with _file_lock(Path(url)):
+            yield
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # not a URL at all: the storage's own error says more
+        raise ImemError(f"Optuna storage {_redact(url)}: {str(exc).splitlines()[0]}") from exc
+    if parsed.get_backend_name() == "sqlite":
+        with _file_lock(Path(parsed.database or "optuna.db")):
+            yield
+        return
+    if parsed.get_backend_name() != "postgresql":
+        yield  # claim_lock refuses such a storage for several workers anyway
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = create_engine(url, poolclass=NullPool, pool_pre_ping=True)
+        conn = engine.connect()
+    except Exception as exc:  # unreachable server, bad credentials, missing driver
+        raise ImemError(f"Optuna storage {_redact(url)}: {str(exc).splitlines()[0]}") from exc
+    key = zlib.crc32(b"imem-tune-setup")
+    try:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+    finally:
+        conn.close()
+        engine.dispose()
+
+
+def open_study(url: str, params: dict, study_name: str, track: bool = False) -> tuple:
+    """The storage and the study (created on first use), both under :func:`setup_lock`."""
+    with setup_lock(url):
+        storage = open_storage(url, params, track)
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
+                                    pruner=make_pruner(params), sampler=make_sampler(params, 0), load_if_exists=True)
+    return storage, study
 
 
 class Heartbeat:
@@ -305,13 +366,10 @@ class Tuner:
         self.base["epochs"] = int(self.p["epochs"])
         self.prepare_dir, self.features_dir = Path(prepare_dir), Path(features_dir)
         self.url = storage_url(storage, self.p)
-        self.storage = open_storage(self.url, self.p, track)
         self.study_name = study_name or self.p["study_name"] or default_study_name(self.p, self.base, self.prepare_dir,
                                                                                    self.features_dir)
         self.track, self.progress = track, progress
-        self.study = optuna.create_study(storage=self.storage, study_name=self.study_name, direction="minimize",
-                                         pruner=make_pruner(self.p), sampler=make_sampler(self.p, 0),
-                                         load_if_exists=True)
+        self.storage, self.study = open_study(self.url, self.p, self.study_name, track)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.cache_memo: dict = {}  # frozen-backbone outputs shared by this worker's trials (same backbone)
 

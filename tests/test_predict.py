@@ -183,8 +183,9 @@ def test_cli_predict_prints_and_writes_the_table(pipeline, tmp_path, capsys):
 
 
 def test_mlflow_model_uri_predicts_like_the_checkpoint(pipeline, tmp_path, monkeypatch):
-    """The train stage logs the pickled module and the flattened variant config as run params
-    (imem.training._finish_run); the same done here directly, without training again."""
+    """The train stage logs its checkpoints (and a pickled module, for mlflow.pytorch users) to its run
+    (imem.training._finish_run); the same done here directly, without training again. imem reads the run's
+    checkpoints/best.pt with weights_only, never the pickled module (issue 16 item 1)."""
     import mlflow
     import mlflow.pytorch
 
@@ -196,6 +197,12 @@ def test_mlflow_model_uri_predicts_like_the_checkpoint(pipeline, tmp_path, monke
     with mlflow_run("imem-train", "cnn", {**from_dir.cfg, "corpus": ""}) as run:
         mlflow.pytorch.log_model(from_dir.model, name="model", serialization_format="pickle",
                                  pip_requirements=["torch"])
+    with mlflow_run("imem-train", "cnn without checkpoints", {"corpus": ""}) as bare:
+        pass
+    with pytest.raises(ImemError, match=rf"run {bare.info.run_id} has no checkpoints/best.pt artifact"):
+        load_model(f"runs:/{bare.info.run_id}/model")
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_artifact(str(pipeline / "models" / "cnn" / "best.pt"), artifact_path="checkpoints")
     from_run = load_model(f"runs:/{run.info.run_id}/model")
     assert from_run.kind == "matching" and from_run.cfg["music_encoder"]["type"] == "resnet"
     assert from_run.key == from_dir.key  # same weights, same embedding-cache key
@@ -211,9 +218,9 @@ def test_mlflow_model_uri_predicts_like_the_checkpoint(pipeline, tmp_path, monke
 
 
 def test_large_images_load_and_only_giant_ones_are_refused(tmp_path, monkeypatch):
-    """PIL's decompression-bomb guard is lifted to imem.inference.MAX_IMAGE_PIXELS for user images (they
-    are downscaled at once); beyond it the refusal is one ImemError naming the file. Scaled down here:
-    PIL's own limit 100 px, ours 5,000 px."""
+    """PIL's decompression-bomb guard is replaced by imem.inference.MAX_IMAGE_PIXELS for user images (they
+    are downscaled at once), exactly at that limit and by the header's dimensions, before decoding (issue 16
+    item 4: PIL alone refuses only above twice its limit). Scaled down here: PIL's limit 100 px, ours 5,000 px."""
     import imem.inference as inf
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
@@ -223,6 +230,13 @@ def test_large_images_load_and_only_giant_ones_are_refused(tmp_path, monkeypatch
         Image.open(tmp_path / "big.png").load()
     assert inf.load_user_image(tmp_path / "big.png", 16).shape == (16, 16, 3)
     assert Image.MAX_IMAGE_PIXELS == 100  # restored afterwards
-    Image.new("RGB", (200, 100), (0, 0, 0)).save(tmp_path / "giant.png")  # 20,000 px > 2 x 5,000
-    with pytest.raises(ImemError, match=r"giant\.png is too large"):
-        inf.load_user_image(tmp_path / "giant.png", 16)
+    Image.new("RGB", (100, 50), (0, 0, 0)).save(tmp_path / "edge.png")  # exactly the limit: loads
+    assert inf.load_user_image(tmp_path / "edge.png", 16).shape == (16, 16, 3)
+    Image.new("RGB", (101, 50), (0, 0, 0)).save(tmp_path / "over.png")  # 5,050 px: under PIL's 2x, refused
+    with pytest.raises(ImemError, match=r"over\.png is too large: 101 x 50 = 5,050 pixels, over the limit of 5,000"):
+        inf.load_user_image(tmp_path / "over.png", 16)
+    # refused by the header before decoding: a bomb whose pixel data is cut off is "too large", not "truncated"
+    Image.new("RGB", (4000, 4000), (0, 0, 0)).save(tmp_path / "bomb.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "bomb.png").read_bytes()[:200])
+    with pytest.raises(ImemError, match=r"cut\.png is too large: 4000 x 4000"):
+        inf.load_user_image(tmp_path / "cut.png", 16)

@@ -1,5 +1,6 @@
 """Models, training loop, checkpoints/resume and MLflow tracking on a tiny corpus."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,76 @@ def test_resume_without_checkpoint(pipeline, tmp_path):
     with pytest.raises(ImemError, match=r"--resume: no checkpoint at .*last.pt"):
         train_variant(_cfg("cnn"), pipeline / "prepare", pipeline / "features", tmp_path / "m", tmp_path / "r",
                       track=False, progress=False, resume=True)
+
+
+def test_resume_refuses_changed_params_in_one_line(pipeline, tmp_path):
+    """Issue 16 item 5: a resume continues the exact config; a changed lr, epoch count or optimizer is
+    refused naming the keys (before, epochs 3-4 trained at the old lr while MLflow recorded the new one)."""
+    cfg = _cfg("unimodal_music", epochs=2)
+    train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "m", tmp_path / "r",
+                  track=False, progress=False)
+    changed = dict(cfg, epochs=4, lr=0.05, optimizer="adamw")
+    with pytest.raises(ImemError, match=r"--resume: params changed since .*last\.pt was written: epochs \(2 -> 4\), "
+                                        r"lr \(0\.001 -> 0\.05\), optimizer \('sgd' -> 'adamw'\); a resume continues "
+                                        r"the exact config"):
+        train_variant(changed, pipeline / "prepare", pipeline / "features", tmp_path / "m", tmp_path / "r",
+                      track=False, progress=False, resume=True)
+    # a key that changes only how fast (threads) may differ
+    again = train_variant(dict(cfg, cpu_threads=1), pipeline / "prepare", pipeline / "features", tmp_path / "m",
+                          tmp_path / "r", track=False, progress=False, resume=True)
+    assert again["finished"] and again["epochs"] == 2
+
+
+_KILLED_TRAIN = """
+import os, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from test_training import _cfg
+from imem.training import train_variant
+
+def die(row):
+    if row["epoch"] == 2:
+        os.kill(os.getpid(), 9)  # kill -9 right after epoch 2 was checkpointed
+
+train_variant(_cfg("unimodal_music", epochs=4), {prep!r}, {feat!r}, {m!r}, {r!r}, progress=False, on_epoch=die)
+"""
+
+
+def test_a_killed_run_is_marked_killed_and_resume_continues_the_same_mlflow_run(pipeline, tmp_path, monkeypatch):
+    """Issue 16 item 6: after kill -9 the MLflow run is RUNNING; the next start marks it KILLED (its pid is
+    gone), and --resume continues that same run, which ends FINISHED with all four epochs' metrics and the
+    same numbers as an uninterrupted run."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    here = Path(__file__).resolve().parent
+    code = _KILLED_TRAIN.format(root=str(here.parent), tests=str(here), prep=str(pipeline / "prepare"),
+                                feat=str(pipeline / "features"), m=str(tmp_path / "m"), r=str(tmp_path / "r"))
+    for _ in range(2):  # two killed runs: the second start marks the first KILLED
+        assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLFLOW_TRACKING_URI": uri}).returncode == -9
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["imem-train"], order_by=["attributes.start_time ASC"])
+    assert runs["status"].tolist() == ["KILLED", "RUNNING"]
+    assert "its process was gone" in runs["tags.imem.killed"].iloc[0]
+    killed_id = runs["run_id"].iloc[1]
+    resumed = train_variant(_cfg("unimodal_music", epochs=4), pipeline / "prepare", pipeline / "features",
+                            tmp_path / "m", tmp_path / "r", progress=False, resume=True)
+    runs = mlflow.search_runs(experiment_names=["imem-train"], order_by=["attributes.start_time ASC"])
+    assert runs["status"].tolist() == ["KILLED", "FINISHED"] and runs["run_id"].iloc[1] == killed_id
+    assert runs["tags.imem.resumes"].iloc[1] == "1"
+    steps = [m.step for m in mlflow.tracking.MlflowClient().get_metric_history(killed_id, "train/va_music")]
+    assert sorted(steps) == [1, 2, 3, 4]
+    straight = train_variant(_cfg("unimodal_music", epochs=4), pipeline / "prepare", pipeline / "features",
+                             tmp_path / "s", tmp_path / "rs", track=False, progress=False)
+    assert resumed == straight
+    import pandas as pd
+
+    a, b = (pd.read_csv(tmp_path / d / "history.csv") for d in ("r", "rs"))
+    pd.testing.assert_frame_equal(a, b)
 
 
 def test_nan_loss_stops_training_and_marks_the_mlflow_run_failed(pipeline, tmp_path, monkeypatch):

@@ -52,8 +52,10 @@ def check_range(df: pd.DataFrame, id_col: str, cols: list[str], lo: float, hi: f
         bad = ~np.isfinite(vals) | (vals < lo) | (vals > hi)
         if bad.any():
             i = int(np.argmax(bad))
+            value = df[col].iloc[i]
+            value = value.item() if isinstance(value, np.generic) else value  # nan, not np.float64(nan)
             raise ImemError(
-                f"{where}: id {df[id_col].iloc[i]}: {col} = {df[col].iloc[i]!r} is "
+                f"{where}: id {df[id_col].iloc[i]}: {col} = {value!r} is "
                 f"{'missing or not a number' if not np.isfinite(vals[i]) else f'outside the scale [{lo}, {hi}]'}"
             )
 
@@ -66,20 +68,53 @@ def audio_duration(path: Path) -> float:
         return float(sf.info(str(path)).duration)
     except Exception as exc:  # soundfile raises several types; any of them means unreadable here
         try:
+            import warnings
+
             import librosa
 
-            return float(librosa.get_duration(path=str(path)))
+            with warnings.catch_warnings():  # its audioread fallback warns (Future/UserWarning) before failing
+                warnings.simplefilter("ignore")
+                return float(librosa.get_duration(path=str(path)))
         except Exception:
             raise ImemError(f"unreadable audio file {path}: {str(exc).splitlines()[0]}") from exc
 
 
+def wav_header_seconds(path: Path) -> float | None:
+    """The duration a RIFF/WAVE file's header declares (its ``data`` chunk size over the byte rate), or None
+    for other formats and for headers that declare none. libsndfile reports the frames the file really
+    holds, so a truncated WAV reads as a short song; comparing the two finds it (issue 16 item 2). Written
+    by hand: soundfile and the ``wave`` module expose no declared size (``wave`` reads PCM only)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            byte_rate = 0
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if cid == b"fmt ":
+                    fmt = f.read(size)
+                    byte_rate = int.from_bytes(fmt[8:12], "little") if len(fmt) >= 12 else 0
+                    f.seek(size & 1, 1)
+                elif cid == b"data":
+                    return size / byte_rate if byte_rate > 0 and size < 0xFFFFFFFF else None
+                else:
+                    f.seek(size + (size & 1), 1)
+    except OSError:
+        return None
+
+
 def check_image(path: Path) -> None:
-    """Open the header and verify the file's structure without decoding all pixels."""
+    """Decode the whole image once: a truncated or corrupt file is refused here, in ``prepare``, not later
+    in ``features`` (``Image.verify`` checks the structure but decodes no pixel data)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise ImemError(f"unreadable image file {path}: {str(exc).splitlines()[0]}") from exc
 

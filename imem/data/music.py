@@ -21,7 +21,15 @@ import numpy as np
 import pandas as pd
 
 from imem.data.clips import DynamicAnnotations, song_sort_key
-from imem.data.common import AUDIO_EXTS, audio_duration, check_range, find_file, read_extras, stem_index
+from imem.data.common import (
+    AUDIO_EXTS,
+    audio_duration,
+    check_range,
+    find_file,
+    read_extras,
+    stem_index,
+    wav_header_seconds,
+)
 from imem.errors import ImemError
 
 _SAMPLE_COL = re.compile(r"^sample_(\d+)ms$")
@@ -123,7 +131,7 @@ def _grid(frames: dict[str, pd.DataFrame], path_of: dict[str, Path], lo: float, 
 
 
 def _songs_table(song_ids: list[str], audio_dir: Path, check_media: bool, what: str) -> pd.DataFrame:
-    paths, durations = [], []
+    paths, durations, declared = [], [], []
     index = stem_index(audio_dir, AUDIO_EXTS, what) if check_media or audio_dir.is_dir() else {}
     for sid in song_ids:
         p = index.get(sid)
@@ -131,10 +139,37 @@ def _songs_table(song_ids: list[str], audio_dir: Path, check_media: bool, what: 
             if p is None:
                 raise ImemError(f"{what}: song {sid}: audio file not found: {audio_dir / sid}.(mp3|wav)")
             durations.append(audio_duration(p))
+            header = wav_header_seconds(p)
+            declared.append(np.nan if header is None else header)
         else:
             durations.append(np.nan)
+            declared.append(np.nan)
         paths.append(str(p) if p is not None else "")
-    return pd.DataFrame({"song_id": song_ids, "audio_path": paths, "duration_s": durations})
+    return pd.DataFrame({"song_id": song_ids, "audio_path": paths, "duration_s": durations, "header_s": declared})
+
+
+def short_songs(music: MusicSource) -> pd.DataFrame:
+    """Songs whose audio is shorter than its header declares (a truncated file) or ends before the song's
+    last annotated sample: song_id, audio_path, duration_s, needed_s and why (issue 16 item 2). Without
+    this check such a song's clips past the audio's end vanish from the split without a word."""
+    dyn, songs = music.dynamic, music.songs
+    if list(songs["song_id"]) != list(dyn.song_ids):
+        raise ImemError(f"{music.directory}: the songs table and the annotations list the songs in another order")
+    finite = np.isfinite(dyn.valence) & np.isfinite(dyn.arousal)
+    last = finite.shape[1] - 1 - np.argmax(finite[:, ::-1], axis=1)
+    needed = np.where(finite.any(axis=1), np.asarray(dyn.times_ms, dtype=float)[last] / 1000.0, 0.0)
+    dur = songs["duration_s"].to_numpy(dtype=float)
+    header = songs["header_s"].to_numpy(dtype=float) if "header_s" in songs else np.full(len(dur), np.nan)
+    slack = 1e-3  # a millisecond: the header rounds to whole frames
+    truncated = np.isfinite(header) & (dur < header - slack)
+    short = np.isfinite(dur) & (dur < needed - slack)
+    rows = []
+    for i in np.nonzero(truncated | short)[0]:
+        why = (f"the file holds {dur[i]:.2f} s of the {header[i]:.2f} s its header declares (truncated)"
+               if truncated[i] else f"the audio ends at {dur[i]:.2f} s, before the last annotated sample at {needed[i]:.2f} s")
+        rows.append({"song_id": songs["song_id"].iloc[i], "audio_path": songs["audio_path"].iloc[i],
+                     "duration_s": dur[i], "needed_s": needed[i], "why": why})
+    return pd.DataFrame(rows, columns=["song_id", "audio_path", "duration_s", "needed_s", "why"])
 
 
 def load_deam(root: Path, opts: dict, check_media: bool = True) -> MusicSource:

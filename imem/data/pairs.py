@@ -186,6 +186,8 @@ def read_pair_list(path: str | Path) -> pd.DataFrame:
             if not np.isfinite(s) or s < 0 or s > 1:
                 raise ImemError(f"{path}:{lineno}: score {score} is outside [0, 1]")
             rows.append((clip_id, image_id, s))
+    if not rows:
+        raise ImemError(f"{path}: no pairs in the file (expected lines '<clip_id> <image_id> <score>')")
     df = pd.DataFrame(rows, columns=["clip_id", "image_id", "score"])
     df["song_id"] = df["clip_id"].str.rpartition("-")[0]
     return df

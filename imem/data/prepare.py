@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def load_items(params: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     check = bool(params["check_media"])
     music = load_music(root, params["music"], check)
     durations = music.songs["duration_s"].to_numpy(dtype=float) if check else None
+    if check:
+        durations = _short_audio(music, durations, params["short_audio"])
     clips = clip_windows(music.dynamic, durations, clip_seconds=float(params["clip_seconds"]))
     if clips.empty:
         raise ImemError(f"{music.directory}: no song has a complete {params['clip_seconds']}-s annotated window")
@@ -108,6 +111,30 @@ def load_items(params: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     images[["valence", "arousal"]], i_norm = normalise(images[["valence", "arousal"]], images["source"], scales,
                                                       params["normalization"])
     return clips, images, {**c_norm, **i_norm}
+
+
+def _short_audio(music, durations: np.ndarray, policy: str) -> np.ndarray:
+    """Refuse (``error``) or drop with a warning that lists them (``drop``) the songs whose audio is
+    truncated or shorter than their annotations (:func:`imem.data.music.short_songs`); returns the
+    durations clip_windows uses (0 for a dropped song, so none of its clips is kept)."""
+    from imem.data.music import short_songs
+
+    if policy not in ("error", "drop"):
+        raise ImemError(f"params: prepare.short_audio = {policy!r} is not one of: error, drop")
+    bad = short_songs(music)
+    if bad.empty:
+        return durations
+    if policy == "error":
+        first = bad.iloc[0]
+        more = f" (and {len(bad) - 1} more songs)" if len(bad) > 1 else ""
+        raise ImemError(f"{first['audio_path']}: song {first['song_id']}: {first['why']}{more}; "
+                        "replace the file, or set prepare.short_audio: drop to leave such songs out")
+    lines = [f"  {r.song_id}: {r.audio_path}: {r.why}" for r in bad.itertuples()]
+    print(f"warning: prepare.short_audio = drop: {len(bad)} songs left out, with all their clips:\n" + "\n".join(lines),
+          file=sys.stderr)
+    out = durations.copy()
+    out[music.songs["song_id"].isin(set(bad["song_id"])).to_numpy()] = 0.0
+    return out
 
 
 def assign_splits(clips: pd.DataFrame, images: pd.DataFrame, params: dict) -> None:

@@ -37,7 +37,7 @@ class BackboneMemo:
         """The entry, or ``default`` when there is none or it cannot be read (then it is recomputed)."""
         path = self._path(key)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # a foreign object: refused, a miss
             feats, rows, idx = obj["features"], obj["rows"], obj["index"]
             index = dict(zip(rows.tolist(), idx.tolist(), strict=True))
         except Exception:  # absent, truncated or foreign: a miss

@@ -53,9 +53,13 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         return y.mean(axis=1), int(sr)
     except Exception as exc:  # soundfile raises several types for unreadable files
         try:
+            import warnings
+
             import librosa
 
-            y, sr = librosa.load(str(path), sr=None, mono=True)
+            with warnings.catch_warnings():  # its audioread fallback warns (Future/UserWarning) before failing
+                warnings.simplefilter("ignore")
+                y, sr = librosa.load(str(path), sr=None, mono=True)
             return y.astype(np.float32), int(sr)
         except Exception:
             raise ImemError(f"unreadable audio file {path}: {str(exc).splitlines()[0]}") from exc
@@ -86,12 +90,16 @@ def to_int16(y: np.ndarray) -> np.ndarray:
     return np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16)
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode, convert to RGB, resize to size x size (bicubic, antialiased) -> uint8 (size, size, 3)."""
+def load_image(path: str | Path, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Decode, convert to RGB, resize to size x size (bicubic, antialiased) -> uint8 (size, size, 3).
+    ``max_pixels``: refuse a larger image by the dimensions its header declares, before any decoding."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImemError(f"image file {path} is too large: {im.width} x {im.height} = "
+                                f"{im.width * im.height:,} pixels, over the limit of {max_pixels:,}")
             im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:

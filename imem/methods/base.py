@@ -367,7 +367,7 @@ def run_method(name: str, methods_params: dict, eval_params: dict, prepare_dir: 
         write_reports(report_dir, {k: v for k, v in metrics.items() if k != "seconds"}, results[0].history,
                       checkpoint=({**results[0].state, "config": cfg}, model_dir / "model.pt"), bootstrap_file=boot)
         for seed_k, r in seeds_extra.items():
-            from imem.training import save
+            from imem.checkpoints import save
 
             d = model_dir / "seeds" / str(seed_k)
             save({**r.state, "config": dict(cfg, seed=seed_k, backbone_seed=int(cfg["seed"]))}, d / "model.pt")
@@ -406,7 +406,7 @@ def write_reports(report_dir: Path, metrics: dict, history: list[dict] | None = 
     """Every payload is built first; then the checkpoint and the report directory (metrics.json,
     results.md, history.csv) are each replaced whole, so a failure never leaves a new checkpoint beside
     stale reports or a half-written directory."""
-    from imem.training import save
+    from imem.checkpoints import save
 
     text = results_markdown(metrics)
     hist = pd.DataFrame(history) if history is not None else None

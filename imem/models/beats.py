@@ -34,7 +34,6 @@ Differences from the official code, none of which changes a parameter or an outp
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -561,15 +560,10 @@ def save_beats(model: BEATs, path: str | Path) -> Path:
 
 
 def _load_failure(e: Exception, weights_only: bool) -> str:
-    """The telling line of a ``torch.load`` failure (its messages span many lines with ANSI colours)."""
-    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
-    line = lines[0] if lines else type(e).__name__
-    for i, ln in enumerate(lines):
-        if "WeightsUnpickler error:" in ln:  # the reason follows on the same line or the next one
-            rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
-            line = rest or (lines[i + 1] if i + 1 < len(lines) else line)
-            break
-    line = line if len(line) <= 200 else line[:197] + "..."
+    """The telling line of a ``torch.load`` failure, with the way out when ``weights_only`` refused it."""
+    from imem.checkpoints import load_failure
+
+    line = load_failure(e)
     if weights_only:
         line += " (weights_only=True; if the file is from a trusted source, retry with weights_only=False)"
     return line

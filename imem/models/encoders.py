@@ -47,10 +47,9 @@ def _load_state(module: nn.Module, state: dict, where: str) -> None:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ImemError(f"unreadable checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    from imem.checkpoints import safe_load
+
+    obj = safe_load(path, "weights file")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             return obj[key]
