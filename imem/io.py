@@ -6,6 +6,7 @@ A stage that fails part-way therefore never leaves a half-written artifact behin
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -46,7 +47,7 @@ def clean_stale(path: Path) -> list[Path]:
     (issue 16 item 8: a killed ``features`` stage left 16 MB that later successful runs kept)."""
     removed = []
     prefix = f".{path.name}."
-    for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         # mkstemp's random part has no dots, so another target's temporaries (``.a.b.<pid>.x.tmp`` for a
         # sibling ``a.b`` when cleaning for ``a``) never match
         m = re.fullmatch(r"(?:(\d+)\.)?[a-z0-9_]+\.tmp", p.name[len(prefix):])
@@ -59,13 +60,6 @@ def clean_stale(path: Path) -> list[Path]:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
         removed.append(old)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters taken literally."""
-    import glob
-
-    return glob.escape(name)
 
 
 @contextlib.contextmanager

@@ -134,16 +134,8 @@ def claim_lock(storage: optuna.storages.BaseStorage, url: str) -> Iterator[None]
     """A lock shared by every worker of the storage, held while a worker claims its next trial."""
     engine = getattr(storage, "engine", None)
     if engine is not None and engine.dialect.name == "postgresql":
-        from sqlalchemy import text
-
-        key = zlib.crc32(b"imem-tune-claim")
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+        with engine.connect() as conn, _pg_advisory_lock(conn, b"imem-tune-claim"):
+            yield
         return
     if engine is not None and engine.dialect.name == "sqlite":
         path = Path(engine.url.database or "optuna.db")
@@ -154,6 +146,20 @@ def claim_lock(storage: optuna.storages.BaseStorage, url: str) -> Iterator[None]
                         "files (no claim lock for this backend)")
     with _file_lock(path):
         yield
+
+
+@contextlib.contextmanager
+def _pg_advisory_lock(conn, name: bytes) -> Iterator[None]:
+    """A PostgreSQL session advisory lock named ``name``, held on ``conn`` for the block."""
+    from sqlalchemy import text
+
+    key = zlib.crc32(name)
+    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+    try:
+        yield
+    finally:
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        conn.commit()
 
 
 @contextlib.contextmanager
@@ -193,7 +199,7 @@ def setup_lock(url: str) -> Iterator[None]:
     if parsed.get_backend_name() != "postgresql":
         yield  # claim_lock refuses such a storage for several workers anyway
         return
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     try:
@@ -201,14 +207,9 @@ def setup_lock(url: str) -> Iterator[None]:
         conn = engine.connect()
     except Exception as exc:  # unreachable server, bad credentials, missing driver
         raise ImemError(f"Optuna storage {_redact(url)}: {str(exc).splitlines()[0]}") from exc
-    key = zlib.crc32(b"imem-tune-setup")
     try:
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-        try:
+        with _pg_advisory_lock(conn, b"imem-tune-setup"):
             yield
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            conn.commit()
     finally:
         conn.close()
         engine.dispose()
