@@ -122,7 +122,11 @@ class Common(_Section):
     loss_mode: Str = "sum"
     loss_weights: dict[str, Annotated[Num, Field(ge=0)]] = {
         "cfr": 1.0, "cfm": 1.0, "sfr_image": 1.0, "sfr_music": 1.0, "sim": 1.0, "va_image": 1.0, "va_music": 1.0}
-    margin: Num = _f(0.5, ge=0)
+    margin: Num = _f(15.0, ge=0)
+    cfr: Str = "pair"
+    cfm: Str = "hinge"
+    reduction: Str = "sum"
+    va_decoder: Str = "joint"
     distance: Str = "squared"
     embed_dim: Int = _f(512, ge=1)
     decoder_hidden: list[Annotated[Int, Field(ge=1)]] = [256, 128]
@@ -145,9 +149,9 @@ class LrRange(_Section):
 
 
 class MarginRange(_Section):
-    low: Num = _f(0.1, ge=0)
-    high: Num = _f(1.5, gt=0)
-    log: Bool = False
+    low: Num = _f(1.0, ge=0)
+    high: Num = _f(30.0, gt=0)
+    log: Bool = True
 
 
 class Space(_Section):

@@ -19,6 +19,7 @@ checkpoints and reports, logs to MLflow and calls ``on_epoch``.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -33,9 +34,16 @@ from tqdm.auto import tqdm
 from imem import distributed as ddp
 from imem.checkpoints import read_checkpoint, safe_load, save
 from imem.errors import ImemError
-from imem.features.store import FeatureStore, beats_fbank
+from imem.features.store import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VIT_DEFAULT_MEAN,
+    VIT_DEFAULT_STD,
+    FeatureStore,
+    beats_fbank,
+)
 from imem.io import file_sha256, write_csv, write_json
-from imem.losses import LOSS_NAMES, LossCombiner, NonFiniteLoss, cdcml_losses, mse
+from imem.losses import LOSS_NAMES, LossCombiner, LossSettings, NonFiniteLoss, cdcml_losses, mse, va_mse
 from imem.models.matching import MatchingModel, build_model
 
 KINDS = ("matching", "unimodal_image", "unimodal_music")
@@ -122,6 +130,26 @@ def load_split(prepare_dir: Path, store: FeatureStore, split: str) -> SplitData:
     )
 
 
+def image_normalisation(spec: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std for an image encoder: a ViT's from its pretrained directory's
+    ``preprocessor_config.json`` (``image_mean`` / ``image_std``) when there is one, else ViTImageProcessor's
+    default (0.5, that of google's ViT checkpoints); every other encoder ImageNet's (torchvision's weights)."""
+    if spec.get("type") != "vit":
+        return IMAGENET_MEAN, IMAGENET_STD
+    pre = spec.get("pretrained")
+    cfg_path = Path(pre) / "preprocessor_config.json" if pre else None
+    if cfg_path is None or not cfg_path.is_file():
+        return VIT_DEFAULT_MEAN, VIT_DEFAULT_STD
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        mean, std = tuple(float(v) for v in cfg["image_mean"]), tuple(float(v) for v in cfg["image_std"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImemError(f"{cfg_path}: no usable image_mean / image_std ({exc})") from exc
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ImemError(f"{cfg_path}: image_mean / image_std must be 3 values each, std > 0")
+    return mean, std
+
+
 class Inputs:
     """Model inputs from the feature store for an encoder spec (ResNet/ViT/L3 images; handcrafted matrix for
     ResNet and ACP statistics, BEATs fbank, L3 log-mel)."""
@@ -135,11 +163,12 @@ class Inputs:
                             f"which cannot take {side} input")
         if self.type == "handcrafted_stats" and side != "music":
             raise ImemError("params: a handcrafted_stats encoder takes music input only")
+        self.mean, self.std = image_normalisation(spec) if side == "image" else (None, None)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.numpy()
         if self.side == "image":
-            x = self.store.image_batch(rows)
+            x = self.store.image_batch(rows, mean=self.mean, std=self.std)
             if self.image_size and x.shape[-1] != self.image_size:
                 x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                                                     antialias=True, align_corners=False)
@@ -249,6 +278,7 @@ class Trainer:
                 for p in bb.parameters():
                     p.requires_grad_(False)
         self.combiner = LossCombiner(cfg["loss_mode"], cfg["loss_weights"])
+        self.loss_settings = LossSettings.from_config(cfg)
         names = LOSS_NAMES if self.kind == "matching" else (f"va_{self.sides[0]}",)
         self.active = self.combiner.active(names)
         if not self.active:
@@ -342,11 +372,11 @@ class Trainer:
             with _autocast(dev):
                 out = self.model.heads(self._h("image", d.image_rows[idx]), self._h("music", d.music_rows[idx]))
             batch = {"image_va": d.image_va[idx].to(dev), "music_va": d.music_va[idx].to(dev), "score": d.score[idx].to(dev)}
-            return cdcml_losses(out, batch, float(self.cfg["margin"]), self.cfg["distance"] == "squared", self.active)
+            return cdcml_losses(out, batch, self.loss_settings, self.active)
         rows, va = self._items(d)
         with _autocast(dev):
             out = self.model.heads(self._h(self.sides[0], rows[idx]))
-        return {self.active[0]: mse(out["va"].float(), va[idx].to(dev))}
+        return {self.active[0]: va_mse(out["va"].float(), va[idx].to(dev))}
 
     def _x(self, side: str, rows: torch.Tensor) -> torch.Tensor:
         """The backbone's input (full fine-tuning) or its cached output (``fc_only``) for ``rows``."""
@@ -373,11 +403,11 @@ class Trainer:
                 out = self.step_module(self._x("image", d.image_rows[local]), self._x("music", d.music_rows[local]))
             out = {k: ddp.gather_rows(v, sizes) for k, v in out.items()}
             batch = {"image_va": d.image_va[idx].to(dev), "music_va": d.music_va[idx].to(dev), "score": d.score[idx].to(dev)}
-            return cdcml_losses(out, batch, float(self.cfg["margin"]), self.cfg["distance"] == "squared", self.active)
+            return cdcml_losses(out, batch, self.loss_settings, self.active)
         rows, va = self._items(d)
         with _autocast(dev):
             pred = ddp.gather_rows(self.step_module(self._x(self.sides[0], rows[local]))["va"], sizes)
-        return {self.active[0]: mse(pred.float(), va[idx].to(dev))}
+        return {self.active[0]: va_mse(pred.float(), va[idx].to(dev))}
 
     def _n(self, d: SplitData) -> int:
         return len(d) if self.kind == "matching" else len(self._items(d)[0])
@@ -515,14 +545,13 @@ def cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: 
     (path and manifest), the rows, the torch version and device, and the head's token reduction
     (:attr:`imem.models.encoders.Head.reduction`; see :class:`imem.features.frozen.BackboneMemo`)."""
     import hashlib
-    import json
 
     h = hashlib.sha256()
     for name, t in backbone.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     rows_digest = hashlib.sha256(torch.unique(rows).numpy().tobytes()).hexdigest()
-    return (h.hexdigest(), json.dumps(spec, sort_keys=True), str(store.dir.resolve()),
+    return (h.hexdigest(), json.dumps([spec, image_normalisation(spec)], sort_keys=True), str(store.dir.resolve()),
             json.dumps(store.manifest, sort_keys=True), rows_digest, torch.__version__, _module_device(backbone),
             reduction)
 

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
+from imem.errors import ImemError
 from imem.losses import (
     LOG_EPS,
     LossCombiner,
+    LossSettings,
     NonFiniteLoss,
     cdcml_losses,
     cfm_loss,
@@ -16,6 +18,8 @@ from imem.losses import (
     mse,
     pairwise_distance,
     sfr_loss,
+    sigma_of,
+    va_mse,
 )
 
 
@@ -41,6 +45,8 @@ def test_single_modal_log_ratio_by_hand():
     assert expect == pytest.approx(0.9702, abs=1e-3)
     assert sfr_loss(f, y).item() == pytest.approx(expect, rel=1e-5)
     assert log_ratio_loss(f, f, y, y, same_set=True).item() == pytest.approx(expect, rel=1e-5)
+    # CDCML eqs. 4-5 are sums over the anchors (the thesis' eq. 3.3 form: the mean above)
+    assert sfr_loss(f, y, reduction="sum").item() == pytest.approx(a0 + a1 + a2, rel=1e-5)
 
 
 def test_plain_euclidean_option_uses_plain_distances_on_both_sides():
@@ -64,25 +70,100 @@ def test_feature_ratio_is_zero_when_distance_ratios_equal_label_ratios():
     assert sfr_loss(f + 0.3 * torch.rand(8, 7, generator=g), y).item() > 1e-2  # and not zero otherwise
 
 
-def test_cross_modal_log_ratio_by_hand():
-    # image anchor 0 at 0; music neighbours at 1 and 2 (squared: 1, 4); labels 0 vs 1, 3 (1, 9)
+def test_cross_modal_dense_log_ratio_by_hand():
+    # cfr: dense (imem's earlier form). Image anchor 0 at 0; music neighbours at 1 and 2 (squared: 1, 4);
+    # labels 0 vs 1, 3 (1, 9)
     fi, yi = torch.tensor([[0.0]]), torch.tensor([[0.0]])
     fm, ym = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [3.0]])
     img_anchor = ((L(1) - L(4)) - (L(1) - L(9))) ** 2
     # music anchors have one neighbour (the single image): no pair j < k, they contribute nothing
     assert log_ratio_loss(fm, fi, ym, yi).item() == 0.0
     assert log_ratio_loss(fi, fm, yi, ym).item() == pytest.approx(img_anchor, rel=1e-5)
-    assert cfr_loss(fi, fm, yi, ym).item() == pytest.approx(0.5 * img_anchor, rel=1e-5)
+    # the two halves are added (eq. 2 is a sum of the image-anchor and the music-anchor terms)
+    assert cfr_loss(fi, fm, yi, ym, LossSettings(cfr="dense", reduction="mean")).item() == pytest.approx(img_anchor, rel=1e-5)
 
 
-def test_cfm_by_hand():
+# Three pairs (I_i, M_i) in 1-D: embeddings and VA labels. Eq. 2 per anchor I_i: its partner M_i and each other M_j.
+FI, FM = torch.tensor([[0.0], [2.0], [5.0]]), torch.tensor([[1.0], [2.5], [3.0]])
+YI, YM = torch.tensor([[0.1], [0.5], [0.9]]), torch.tensor([[0.2], [0.4], [0.6]])
+
+
+def _eq2_by_hand(target) -> tuple[float, float]:
+    """Sum and mean form of eq. 2 on FI/FM, ``target(anchor_y, partner_y, other_y)`` the label log-ratio."""
+    fi, fm, yi, ym = ([float(v) for v in t[:, 0]] for t in (FI, FM, YI, YM))
+    halves = []
+    for fa, fb, ya, yb in ((fi, fm, yi, ym), (fm, fi, ym, yi)):
+        per_anchor = []
+        for i in range(3):
+            terms = [((L((fa[i] - fb[i]) ** 2) - L((fa[i] - fb[j]) ** 2)) - target(ya[i], yb[i], yb[j])) ** 2
+                     for j in range(3) if j != i]
+            per_anchor.append(sum(terms) / len(terms))  # the expectation over the random neighbour M_j
+        halves.append(per_anchor)
+    return sum(halves[0]) + sum(halves[1]), sum(halves[0]) / 3 + sum(halves[1]) / 3
+
+
+def test_cfr_pair_is_eq2_with_the_label_distance_ratio_by_hand():
+    total, mean = _eq2_by_hand(lambda a, p, o: L((a - p) ** 2) - L((a - o) ** 2))
+    assert cfr_loss(FI, FM, YI, YM, LossSettings(cfr="pair", reduction="sum")).item() == pytest.approx(total, rel=1e-5)
+    assert cfr_loss(FI, FM, YI, YM, LossSettings(cfr="pair", reduction="mean")).item() == pytest.approx(mean, rel=1e-5)
+
+
+def test_cfr_literal_is_eq2_as_printed_by_hand():
+    sigma = 0.3
+    score = torch.exp(-(YI - YM).abs()[:, 0] / sigma)  # eq. 1 on the batch's own pairs
+    assert sigma_of(score.double(), (YI - YM).abs()[:, 0].double()).item() == pytest.approx(sigma, rel=1e-6)
+    logs = lambda a, b: -abs(a - b) / sigma  # noqa: E731 -- log S(a, b), eq. 1
+    total, _ = _eq2_by_hand(lambda a, p, o: logs(a, p) - logs(a, o))
+    got = cfr_loss(FI, FM, YI, YM, LossSettings(cfr="literal", reduction="sum"), score=score).item()
+    assert got == pytest.approx(total, rel=1e-5)
+    with pytest.raises(ImemError, match="literal needs"):
+        cfr_loss(FI, FM, YI, YM, LossSettings(cfr="literal"))
+
+
+def test_cfr_literal_pushes_the_closer_partner_away_and_pair_pulls_it_in():
+    # anchor image at 0; its partner M_0 has the SAME VA (S = 1), M_1 is far in VA; both at embedding distance 1
+    fi = torch.tensor([[0.0], [10.0]], requires_grad=True)
+    fm = torch.tensor([[1.0], [-1.0]])
+    yi, ym = torch.tensor([[0.5], [0.0]]), torch.tensor([[0.5], [1.0]])
+    score = torch.exp(-(yi - ym).abs()[:, 0] / 0.4)
+    for form, sign in (("literal", +1), ("pair", -1)):
+        fi.grad = None
+        cfr_loss(fi, fm, yi, ym, LossSettings(cfr=form), score=score).backward()
+        # d loss / d fi[0] < 0 moves fi[0] up (towards M_0 at 1) under gradient descent; > 0 moves it away
+        step = -float(fi.grad[0, 0])
+        assert (step < 0) if sign > 0 else (step > 0), (form, step)
+
+
+def test_cfm_hinge_is_eq3_by_hand():
+    fi, fm = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([[3.0, 4.0], [0.6, 0.8]])
+    s = torch.tensor([0.25, 1.0])
+    # distances 5 and 1; alpha 2: [5 - 2]+ + [1 - 2]+ = 3, whatever S
+    assert cfm_loss(fi, fm, s, margin=2.0, reduction="sum").item() == pytest.approx(3.0, rel=1e-6)
+    assert cfm_loss(fi, fm, torch.zeros(2), margin=2.0, reduction="mean").item() == pytest.approx(1.5, rel=1e-6)
+    assert cfm_loss(fi, fm, s, margin=6.0).item() == 0.0
+
+
+def test_cfm_contrastive_option_by_hand():
     fi, fm = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([[3.0, 4.0], [0.6, 0.8]])
     s = torch.tensor([0.25, 1.0])
     # pair 0: d = 5, alpha 6 -> 0.25 * 25 + 0.75 * 1; pair 1: d = 1, S = 1 -> 1
     expect = (0.25 * 25 + 0.75 * 1.0 + 1.0) / 2
-    assert cfm_loss(fi, fm, s, margin=6.0).item() == pytest.approx(expect, rel=1e-4)
+    assert cfm_loss(fi, fm, s, margin=6.0, form="contrastive").item() == pytest.approx(expect, rel=1e-4)
     # beyond the margin a dissimilar pair costs nothing
-    assert cfm_loss(fi[:1], fm[:1], torch.tensor([0.0]), margin=2.0).item() == 0.0
+    assert cfm_loss(fi[:1], fm[:1], torch.tensor([0.0]), margin=2.0, form="contrastive").item() == 0.0
+
+
+def test_unknown_loss_forms_are_refused_in_one_line():
+    with pytest.raises(ImemError, match=r"train cfr = 'x' is not one of: pair, literal, dense"):
+        LossSettings(cfr="x")
+    with pytest.raises(ImemError, match=r"train reduction = 'avg' is not one of: sum, mean"):
+        LossSettings(reduction="avg")
+
+
+def test_va_loss_sums_valence_and_arousal_per_item():
+    # eq. 7: (1/n) sum_j ||y_j - y^_j||^2; item 0 errs by (0.3, 0.4) -> 0.25, item 1 by (0, 0.1) -> 0.01
+    pred, true = torch.tensor([[0.3, 0.4], [0.5, 0.6]]), torch.tensor([[0.0, 0.0], [0.5, 0.5]])
+    assert va_mse(pred, true).item() == pytest.approx((0.25 + 0.01) / 2, rel=1e-6)
 
 
 def test_mse_losses():
@@ -98,8 +179,9 @@ def test_all_seven_and_finite_gradients():
            "va_music": torch.rand(16, 2, generator=g, requires_grad=True)}
     batch = {"image_va": torch.rand(16, 2, generator=g), "music_va": torch.rand(16, 2, generator=g),
              "score": torch.rand(16, generator=g)}
-    for squared in (True, False):
-        losses = cdcml_losses(out, batch, margin=1.0, squared=squared)
+    for settings in (LossSettings(margin=1.0), LossSettings(margin=1.0, squared=False, reduction="mean"),
+                     LossSettings(margin=1.0, cfr="literal", cfm="contrastive"), LossSettings(margin=1.0, cfr="dense")):
+        losses = cdcml_losses(out, batch, settings)
         assert set(losses) == {"cfr", "cfm", "sfr_image", "sfr_music", "sim", "va_image", "va_music"}
         total = LossCombiner("sum")(losses)
         total.backward()

@@ -42,9 +42,10 @@ def test_loss_matches_a_hand_computation():
               "va_text": torch.tensor([[0.5, 0.3], [0.7, 0.5]])}
     weights = {"sim": 2.0, "va_image": 1.0, "va_music": 0.5, "va_text": 0.25}
     sim = (0.2 ** 2 + 0.1 ** 2) / 2                            # 0.025
-    va_image = 0.2 ** 2 / 4                                    # 0.01
-    va_music = (0.2 ** 2 + 0.2 ** 2) / 4                       # 0.02
-    va_text = (0.5 ** 2 + 0.7 ** 2 + 0.3 ** 2 + 0.5 ** 2) / 4  # 0.27
+    # eq. 2: (1/N) sum_n ||E_n - Y_n||^2 -- summed over valence and arousal, averaged over the N = 2 items
+    va_image = 0.2 ** 2 / 2                                    # 0.02
+    va_music = (0.2 ** 2 + 0.2 ** 2) / 2                       # 0.04
+    va_text = (0.5 ** 2 + 0.7 ** 2 + 0.3 ** 2 + 0.5 ** 2) / 2  # 0.54
     losses = mmva.mmva_losses(out, target, weights)
     assert float(losses["sim"]) == pytest.approx(sim, abs=1e-7)
     assert float(losses["va_image"]) == pytest.approx(va_image, abs=1e-7)

@@ -63,6 +63,22 @@ def test_short_run_per_variant(pipeline, variant, tmp_path):
         assert f"test/{side}_valence_mse" in rep
 
 
+def test_unimodal_fine_tuning_trains_the_entire_model(pipeline, tmp_path):
+    """Thesis 5.1.1: the unimodal regressors "trained the entire model": with fc_only: false the backbone's
+    weights move too, not only the head and the VA decoder."""
+    from imem.training import Trainer
+
+    cfg = _cfg("unimodal_image", epochs=1, fc_only=False)
+    init = {k: v.clone() for k, v in Trainer(cfg, pipeline / "prepare", pipeline / "features", progress=False)
+            .model.state_dict().items()}
+    train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "m", tmp_path / "r",
+                  track=False, progress=False)
+    last = torch.load(tmp_path / "m" / "last.pt", weights_only=True)["model"]
+    weights = [k for k in init if k.endswith("weight") and init[k].is_floating_point()]
+    moved = {k.split(".")[0] for k in weights if not torch.equal(init[k], last[k])}
+    assert {"backbone", "head", "va"} <= moved
+
+
 def test_resume_ends_with_the_same_weights_and_metrics(pipeline, tmp_path):
     cfg = _cfg("cnn", epochs=3, fc_only=False)  # full fine-tuning: backbone weights and BN stats change too
     full = train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "a", tmp_path / "ra",
@@ -284,6 +300,23 @@ def test_loading_a_saved_transformers_vit(tmp_path):
         ViTBackbone(pretrained=str(tmp_path / "nowhere"))
 
 
+def test_image_normalisation_follows_the_checkpoint(tmp_path):
+    """A ViT normalises with its checkpoint's preprocessor_config.json (google's: 0.5), not ImageNet's."""
+    from transformers import ViTImageProcessor
+
+    from imem.features.store import IMAGENET_MEAN, IMAGENET_STD
+    from imem.training import image_normalisation
+
+    assert image_normalisation({"type": "resnet"}) == (IMAGENET_MEAN, IMAGENET_STD)
+    default = ViTImageProcessor()  # what google's ViT checkpoints ship
+    assert image_normalisation({"type": "vit", "pretrained": None}) == (tuple(default.image_mean), tuple(default.image_std))
+    ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path / "vit")
+    assert image_normalisation({"type": "vit", "pretrained": str(tmp_path / "vit")}) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    (tmp_path / "vit" / "preprocessor_config.json").write_text('{"image_mean": [0.5]}')
+    with pytest.raises(ImemError, match=r"preprocessor_config.json: no usable image_mean / image_std"):
+        image_normalisation({"type": "vit", "pretrained": str(tmp_path / "vit")})
+
+
 def test_loading_a_saved_beats_checkpoint(tmp_path):
     from imem.models.beats import save_beats
 
@@ -305,3 +338,23 @@ def test_unknown_variant_and_encoder_keys():
         variant_config(section("train", raw), "x")
     with pytest.raises(ImemError, match=r"unknown key 'train.common.lrr'"):
         section("train", {"train": {"common": {"lrr": 1}}})
+
+
+def test_separate_va_decoder_reads_the_features_without_shaping_them():
+    """va_decoder: separate (CDCML 6.1.2's separate VA predictor): the VA loss trains the VA decoders only."""
+    from imem.models.matching import MatchingModel
+
+    bb = ResNetBackbone("resnet18")
+    h = torch.randn(6, bb.out_dim)
+    grads = {}
+    for mode in ("joint", "separate"):
+        torch.manual_seed(0)
+        m = MatchingModel(bb, bb, "pool", "pool", embed_dim=8, hidden=(4,), va_decoder=mode)
+        out = m.heads(h, h)
+        out["va_image"].pow(2).sum().backward()
+        grads[mode] = (m.image_head.fc.weight.grad, m.va_image[0].weight.grad)
+    assert grads["joint"][0].abs().sum() > 0
+    assert grads["separate"][0] is None or grads["separate"][0].abs().sum() == 0  # no VA gradient into the head
+    torch.testing.assert_close(grads["separate"][1], grads["joint"][1])  # the decoder learns the same either way
+    with pytest.raises(ImemError, match=r"train va_decoder = 'both' is not one of: joint, separate"):
+        MatchingModel(bb, bb, "pool", "pool", va_decoder="both")

@@ -70,7 +70,7 @@ def study(tiny):
         t0 = time.perf_counter()
         tuner = Tuner(section("tune", path=tiny / "params.yaml"), section("train", path=tiny / "params.yaml"),
                       tiny / "prepare", tiny / "features", storage=storage, progress=False)
-        tuner.study.enqueue_trial({"lr": 100.0, "head": "cls", "margin": 0.5, "loss_mode": "sum", "batch_size": 16})
+        tuner.study.enqueue_trial({"lr": 100.0, "head": "cls", "margin": 2.0, "loss_mode": "sum", "batch_size": 16})
         name = tuner.study_name
         assert name.startswith("imem-mixed-") and len(name) == len("imem-mixed-") + 8
         summary = run_tune(tiny / "params.yaml", storage=storage, prepare_dir=tiny / "prepare",
@@ -295,7 +295,7 @@ def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch
     tuner = Tuner(p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features",
                   storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="median", track=False, progress=False)
     for lr in (0.01, 0.5, 0.001):
-        tuner.study.enqueue_trial({"lr": lr, "head": "cls", "margin": 0.5, "loss_mode": "sum", "batch_size": 16})
+        tuner.study.enqueue_trial({"lr": lr, "head": "cls", "margin": 2.0, "loss_mode": "sum", "batch_size": 16})
     tuner.run()
     trials = tuner.study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]

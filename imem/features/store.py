@@ -34,9 +34,13 @@ from imem.data.clips import song_sort_key
 from imem.errors import ImemError
 from imem.io import atomic_dir, write_csv, write_json
 
-# torchvision's ImageNet weights (and ViT's image processors for ImageNet-1k checkpoints) use these.
+# torchvision's ImageNet weights (ResNet) use these. Google's ViT checkpoints do NOT: their
+# preprocessor_config.json (and transformers' ViTImageProcessor default) say mean = std = 0.5 per channel, so a
+# ViT takes its normalisation from its checkpoint (imem.training.image_normalisation).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+VIT_DEFAULT_MEAN = (0.5, 0.5, 0.5)
+VIT_DEFAULT_STD = (0.5, 0.5, 0.5)
 # BEATs' fbank normalisation constants (microsoft/unilm BEATs.preprocess: (fbank - mean) / (2 * std)).
 BEATS_FBANK_MEAN = 15.41663
 BEATS_FBANK_STD = 6.55582

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from imem.data.pairs import similarity, similarity_matrix
 from imem.errors import ImemError
-from imem.losses import mse
+from imem.losses import mse, va_mse
 from imem.methods.base import (
     CHANCE_ROW,
     MethodData,
@@ -266,9 +266,11 @@ def batch_similarity(va_image: torch.Tensor, va_music: torch.Tensor, sigma: floa
 
 
 def mmva_losses(out: dict, target: dict, weights: dict) -> dict[str, torch.Tensor]:
-    """The four MSE terms (:func:`imem.losses.mse`) and ``total`` = their weighted sum. ``out``/``target``:
-    ``sim`` (B,), ``va_image`` / ``va_music`` / ``va_text`` (B, 2); the caption's target is its clip's VA."""
-    losses = {name: mse(out[name], target[name]) for name in LOSS_TERMS}
+    """The four squared-error terms and ``total`` = their weighted sum. ``out``/``target``: ``sim`` (B,),
+    ``va_image`` / ``va_music`` / ``va_text`` (B, 2); the caption's target is its clip's VA. MMVA eq. 2's VA loss
+    is (1/N) sum_n ||E_n - Y_n||_2^2, summed over valence and arousal (:func:`imem.losses.va_mse`); eq. 3's
+    similarity loss the plain MSE (:func:`imem.losses.mse`)."""
+    losses = {name: (mse if name == "sim" else va_mse)(out[name], target[name]) for name in LOSS_TERMS}
     losses["total"] = sum(float(weights[name]) * losses[name] for name in LOSS_TERMS)
     return losses
 
