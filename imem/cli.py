@@ -145,7 +145,7 @@ def _repro_perturb(args: argparse.Namespace) -> None:
     )
 
     rules = load_rules(args.tolerance or TOLERANCE_FILE)
-    diff = perturbed_run(".", args.work, args.setting)
+    diff = perturbed_run(".", args.work, args.setting, stages=args.stages)
     if args.json:
         from imem.io import write_json
 
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--setting", choices=sorted(PERTURBATIONS), default="avx2-1thread")
     rq.add_argument("--tolerance", help="tolerance file (default reproducibility.yaml)")
     rq.add_argument("--json", help="also write the metrics diff as JSON")
+    rq.add_argument("--stages", nargs="+", metavar="TARGET",
+                    help="only these `dvc repro` targets (e.g. evaluate@cnn; default: the whole dvc.yaml)")
     rq.set_defaults(fn=_repro_perturb)
     return ap
 

@@ -257,9 +257,12 @@ def diff_dirs(a: Path, b: Path, files: list[str]) -> dict:
     return out
 
 
-def perturbed_run(root: str | os.PathLike, work: str | os.PathLike, setting: str, out=sys.stdout) -> dict:
+def perturbed_run(root: str | os.PathLike, work: str | os.PathLike, setting: str, out=sys.stdout,
+                  stages: list[str] | None = None) -> dict:
     """Re-run the trained stages of ``root``'s pipeline (its working tree) in a clone at ``work`` under the
     environment ``PERTURBATIONS[setting]``; return the metrics diff (``root``'s current outputs -> perturbed).
+    ``stages``: only these `dvc repro` targets (and what they need); the other metrics files are ``root``'s own
+    copies, so they show no deviation.
 
     The clone gets ``root``'s data-stage outputs (byte-identical anywhere by the contract) and no DVC cache,
     so every trained stage runs; its own MLflow store and frozen-backbone cache keep ``root``'s untouched."""
@@ -287,7 +290,7 @@ def perturbed_run(root: str | os.PathLike, work: str | os.PathLike, setting: str
     t0 = time.perf_counter()
     print(f"perturbed run '{setting}' ({' '.join(f'{k}={v}' for k, v in PERTURBATIONS[setting].items())}) in {work}",
           file=out, flush=True)
-    res = subprocess.run([_dvc(), "repro", "dvc.yaml"], cwd=work, env=env)
+    res = subprocess.run([_dvc(), "repro", *(stages or ["dvc.yaml"])], cwd=work, env=env)
     if res.returncode != 0:
         raise ImemError(f"the perturbed `dvc repro` in {work} failed (exit {res.returncode})")
     print(f"perturbed run took {time.perf_counter() - t0:.0f} s", file=out)
