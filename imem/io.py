@@ -25,7 +25,7 @@ def _umask() -> int:
     return mask
 
 
-def _publish_mode(path: Path, directory: bool) -> None:
+def publish_mode(path: Path, directory: bool) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask-based mode."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
@@ -74,7 +74,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        _publish_mode(tmp_path, directory=False)
+        publish_mode(tmp_path, directory=False)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -91,7 +91,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        _publish_mode(tmp, directory=True)
+        publish_mode(tmp, directory=True)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

@@ -40,6 +40,38 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def ensure_store(uri: str) -> None:
+    """A SQLite store that does not exist yet is created whole in a temporary file beside it and linked into
+    place (no-clobber), so a process killed while MLflow creates its tables leaves no half-made ``mlflow.db``
+    (its next start failed on "table ... already exists"; tests/test_faults.py). Another process that created
+    the file first wins; other URIs are left to MLflow."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import tempfile
+
+    from imem.io import clean_stale, publish_mode
+
+    path = Path(uri[len("sqlite:///"):])
+    if path.parent.is_dir():
+        clean_stale(path)  # a killed creator's temporary
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs the migrations
+        publish_mode(Path(tmp), directory=False)  # mkstemp's 0600 -> what a plain create would give
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # a concurrent stage made it first: use theirs
+            pass
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=repo_root())
@@ -110,8 +142,9 @@ def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None =
     caller re-logs the earlier epochs)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
     try:
+        ensure_store(tracking_uri())
+        mlflow.set_tracking_uri(tracking_uri())
         exp = mlflow.set_experiment(experiment)
         client = mlflow.tracking.MlflowClient()
         found = None
@@ -150,8 +183,9 @@ def variant_run(variant: str, best_sha256: str, params: dict) -> Iterator[object
     the same way takes them, marked ``imem.run_origin = evaluate``."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
     try:
+        ensure_store(tracking_uri())
+        mlflow.set_tracking_uri(tracking_uri())
         exp = mlflow.set_experiment("imem-train")
         mark_dead_runs(mlflow.tracking.MlflowClient(), exp.experiment_id)  # e.g. a killed earlier evaluation
         found = mlflow.search_runs([exp.experiment_id], output_format="list", max_results=1,

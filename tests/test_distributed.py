@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_tune import tiny_pipeline
@@ -133,15 +134,25 @@ def test_torchrun_two_processes_match_the_single_process_run(tiny, tmp_path):
     h2 = pd.read_csv(two / "reports/train/transformer_v2/history.csv")
     assert list(h1.columns) == list(h2.columns) and len(h1) == len(h2) == 2
     # Same global batches and losses; BatchNorm normalises each rank's half-batch with its own statistics and
-    # dropout masks are drawn per rank, so the runs differ slightly. Measured for transformer_v2 on this
-    # fixture (batch 16 -> two shards of 8): validation losses (eval mode) within 2 % (val/total 0.4 %,
-    # val/sim 1.6 %); the training losses are themselves computed under per-shard BatchNorm (train/total 5 %
-    # and 12 %). Tolerance: 5 % on every validation loss, 25 % on train/total. (With a random ResNet18 on the
-    # music side, whose unnormalised features make BatchNorm's shard statistics matter more, the gap after
-    # 2-3 epochs reaches 10-20 % on val/sim: still inside SGD's run-to-run noise there, but not a tight check.)
+    # dropout masks are drawn per rank, so the runs differ slightly (the exact equivalence of one step's
+    # losses and gradients is test_sharded_step_gives_the_single_process_gradient above). transformer_v2
+    # follows the thesis since issue 15: mean reductions and the first-batch normalisation (eq. 3.10), whose divisors are the first batch's losses,
+    # themselves computed under per-shard BatchNorm -- so the runs weigh the losses slightly differently from
+    # the first step on. Measured on this fixture (batch 16 -> two shards of 8), largest relative gap over the
+    # 2 epochs: val/total 4.0 %, val/sim 1.9 %, val/sfr_image 5.5 % (5.2 % on CI's CPU), val/sfr_music 8.0 %;
+    # train/total 31 %, train/sfr_image 69 % (per-shard BatchNorm in train mode). Tolerance: 5 % on val/sim (what
+    # the similarity MSE scores), 15 % on the other validation losses (val/total holds the normalised SFR
+    # terms), 50 % on train/total. (With the old CDCML-style sum on this variant the gaps were under 2 % on every validation
+    # loss; with a random ResNet18 on the music side, whose unnormalised features make BatchNorm's shard
+    # statistics matter more, the gap after 2-3 epochs reaches 10-20 % on val/sim: still inside SGD's
+    # run-to-run noise there, but not a tight check.)
+    rel = {c: float(np.max(np.abs(h2[c].to_numpy() / h1[c].to_numpy() - 1)))
+           for c in h1.columns if c.startswith(("val/", "train/")) and np.all(h1[c].to_numpy() != 0)}
+    print("largest relative gap, two ranks vs one process:", {c: round(v, 4) for c, v in rel.items()})
     for col in [c for c in h1.columns if c.startswith("val/")]:
-        assert h2[col].to_numpy() == pytest.approx(h1[col].to_numpy(), rel=0.05), col
-    assert h2["train/total"].to_numpy() == pytest.approx(h1["train/total"].to_numpy(), rel=0.25)
+        tol = 0.05 if col == "val/sim" else 0.15
+        assert h2[col].to_numpy() == pytest.approx(h1[col].to_numpy(), rel=tol, nan_ok=True), col
+    assert h2["train/total"].to_numpy() == pytest.approx(h1["train/total"].to_numpy(), rel=0.5)
     m1 = json.loads((one / "reports/train/transformer_v2/metrics.json").read_text())
     m2 = json.loads((two / "reports/train/transformer_v2/metrics.json").read_text())
     assert m2["finished"] and m2["val/sim_mse"] == pytest.approx(m1["val/sim_mse"], rel=0.05)

@@ -18,12 +18,14 @@ from imem.metrics import expected_reciprocal_rank as chance_mrr
 
 
 def loop_supcon(za, ya, zc, yc, t, intra):
-    """Khosla et al.'s L_out written out with plain loops (self excluded when intra)."""
+    """Emo-CLIM eqs. 2 and 4 (Khosla et al.'s L_out) written out with plain loops (self excluded when intra):
+    -1/N sum over ALL N anchors; an anchor without a positive adds 0 (the reference code's clamped |P(i)|)."""
     per_anchor = []
     for i, (a, y) in enumerate(zip(za, ya, strict=True)):
         others = [j for j in range(len(zc)) if not (intra and j == i)]
         pos = [j for j in others if yc[j] == y]
         if not pos:
+            per_anchor.append(0.0)
             continue
         dot = {j: sum(u * v for u, v in zip(a, zc[j], strict=True)) / t for j in others}
         denom = sum(math.exp(dot[j]) for j in others)
@@ -47,13 +49,14 @@ def test_supcon_one_anchor_by_hand():
     assert loss.item() == pytest.approx(0.142932, abs=1e-6)
 
 
-def test_supcon_cross_modal_matches_loops_and_skips_anchors_without_positive():
-    za, ya = unit(0, 90, 53.13, 200), [0, 1, 0, 2]  # class 2 has no candidate: skipped
+def test_supcon_cross_modal_matches_loops_and_counts_anchors_without_positive_in_n():
+    za, ya = unit(0, 90, 53.13, 200), [0, 1, 0, 2]  # class 2 has no candidate: adds 0, counts in N
     zc, yc = unit(10, 100, 180, 300), [0, 1, 1, 0]
     got = supcon(T(za), T(ya), T(zc), T(yc), 0.07).item()
     assert got == pytest.approx(loop_supcon(za, ya, zc, yc, 0.07, intra=False), rel=1e-10)
-    # the same value without the skipped anchor
-    assert got == pytest.approx(supcon(T(za[:3]), T(ya[:3]), T(zc), T(yc), 0.07).item(), rel=1e-12)
+    # eq. 2's -1/N: the three anchors with a positive, summed, over N = 4 (not over the 3 that have one)
+    assert got == pytest.approx(supcon(T(za[:3]), T(ya[:3]), T(zc), T(yc), 0.07).item() * 3 / 4, rel=1e-12)
+    assert got > 0
     # no anchor with a positive: 0, and a finite gradient
     z = T(za[3:]).requires_grad_(True)
     loss = supcon(z, T([2]), T(zc), T(yc), 0.07)
@@ -65,7 +68,7 @@ def test_supcon_intra_modal_excludes_self():
     # two anchors of one class: each one's only other candidate is its positive -> exactly 0 (with the anchor
     # itself in A(i) and P(i) it would not be)
     assert supcon(T(unit(0, 70)), T([3, 3]), temperature=0.07).item() == pytest.approx(0.0, abs=1e-12)
-    za, ya = unit(0, 40, 95, 180, 260), [0, 0, 1, 1, 2]  # the class-2 anchor has no positive: skipped
+    za, ya = unit(0, 40, 95, 180, 260), [0, 0, 1, 1, 2]  # the class-2 anchor has no positive: 0, in N
     z = T(za).requires_grad_(True)
     loss = supcon(z, T(ya), temperature=0.2)
     assert loss.item() == pytest.approx(loop_supcon(za, ya, za, ya, 0.2, intra=True), rel=1e-10)
@@ -154,6 +157,50 @@ def test_class_chance_is_the_mean_over_all_rankings():
     assert class_chance(query, cand)["p1"] == pytest.approx((2 / 5 + 3 / 5) / 2)
 
 
+def loop_intra(scores, cls, queries):
+    """Intra-modal P@1, P@5 and MRR with loops: each drawn query (an index; repeats kept) ranks every OTHER
+    classed item by score (ties: item order); per class, then across classes; a query alone in its class is
+    skipped."""
+    pool = [j for j in range(len(cls)) if cls[j] >= 0]
+    per_class = {}
+    for q in queries:
+        if cls[q] < 0:
+            continue
+        cands = [j for j in pool if j != q]
+        if not any(cls[j] == cls[q] for j in cands):
+            continue
+        ranked = sorted(cands, key=lambda c: (-scores[q][c], c))
+        rel = [cls[c] == cls[q] for c in ranked]
+        per_class.setdefault(cls[q], []).append((sum(rel[:1]), sum(rel[:5]) / 5, 1 / (rel.index(True) + 1)))
+    means = [np.mean(v, axis=0) for v in per_class.values()]
+    return dict(zip(("p1", "p5", "mrr"), np.mean(means, axis=0), strict=True))
+
+
+def test_intra_modal_retrieval_leaves_the_query_out_and_matches_loops():
+    # Emo-CLIM section 4.5 / table 1: image->image and music->music retrieval
+    rng = np.random.default_rng(5)
+    cls = np.array([0, 0, 1, 1, 1, 2, -1, 0, 1])  # class 2 alone: its query is skipped; -1 unclassed
+    s = rng.uniform(size=(9, 9))
+    s[np.diag_indices(9)] = 5.0  # a query's own score is the highest: it would be its own first hit
+    dummy = np.zeros((1, 9))  # one clip (class 0) x the 9 images
+    classes = emo_clim.ClassRankings(dummy, cls, np.array([0]), scores_ii=s)
+    row, skipped = classes.row(np.array([0]), np.arange(9))
+    want = loop_intra(s, cls, range(9))
+    assert [row[f"cls_i2i_{m}"] for m in ("p1", "p5", "mrr")] == pytest.approx(list(want.values()), abs=1e-12)
+    assert skipped["i2i"] == 1 and row["cls_i2i_p1"] < 1.0  # with the query counted, P@1 would be 1
+    draw = np.array([8, 0, 0, 5, 6, 3])  # repeats, the lone class-2 item, an unclassed one
+    row, skipped = classes.row(np.array([0]), draw)
+    want = loop_intra(s, cls, draw)
+    assert [row[f"cls_i2i_{m}"] for m in ("p1", "p5", "mrr")] == pytest.approx(list(want.values()), abs=1e-12)
+    assert skipped["i2i"] == 1
+    # the chance row: the mean over every ranking of the other items (7 classed items: all 5,040 orders)
+    k = np.flatnonzero(cls >= 0)
+    runs = [class_retrieval(np.tile(np.array(p, float), (len(k), 1)), cls[k], cls[k], own=np.eye(len(k), dtype=bool))[0]
+            for p in itertools.permutations(range(len(k)))]
+    brute = {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
+    assert class_chance(cls[k], cls[k], intra=True) == pytest.approx(brute, abs=1e-12)
+
+
 def test_class_codes_map_the_image_taxonomy_and_drop_the_rest():
     img = pd.DataFrame({"emotion": ["fear", "awe", "excitement", None]})
     mus = pd.DataFrame({"emotion": ["scary", "tender", "exciting"]})
@@ -231,7 +278,7 @@ def test_rescore_of_the_identity_resample_reproduces_the_rows(stub_result):
     want = {k: v for k, v in result.rows.items() if k != CHANCE_ROW}
     assert list(got) == list(want) == [emo_clim.LABEL]
     assert list(got[emo_clim.LABEL]) == list(want[emo_clim.LABEL])  # the same columns, cls_* and *_emb_*
-    assert len(want[emo_clim.LABEL]) == 16
+    assert len(want[emo_clim.LABEL]) == 22  # cls_{i2m,m2i,i2i,m2m}_{p1,p5,mrr} + {m2i,i2m}_emb_{ndcg10,r1,r5,r10,mrr}
     assert got[emo_clim.LABEL] == pytest.approx(want[emo_clim.LABEL], abs=1e-9)
     # a real resample: other values, the same columns, all finite here
     other = result.rescore(np.repeat(np.arange(n_clips), 1 + np.arange(n_clips) % 2), np.arange(1, n_images))

@@ -65,6 +65,7 @@ class _IdentityHeads(torch.nn.Module):
         super().__init__()
         self.image_head = self.music_head = torch.nn.Identity()
         self.sim, self.va_image, self.va_music = m.sim, m.va_image, m.va_music
+        self.separate_va = m.separate_va
 
 
 def test_chunked_search_equals_a_full_ranking(pipeline, collections, tmp_path):  # noqa: F811

