@@ -436,7 +436,7 @@ def test_training_run_writes_valid_outputs_and_learns(runs):
         assert f.is_file(), f
     assert torch.load(model_dir / "model.pt", weights_only=True)["config"]["method"] == "emo_clim"  # issue 16 item 1
     assert list(m["rows"]) == ["Emo-CLIM", CHANCE_ROW]
-    cls_cols = {f"cls_{d}_{k}" for d in ("i2m", "m2i") for k in ("p1", "p5", "mrr")}
+    cls_cols = {f"cls_{d}_{k}" for d in ("i2m", "m2i", "i2i", "m2m") for k in ("p1", "p5", "mrr")}
     emb_cols = {c for c in COLUMNS if "_emb_" in c}
     for row in m["rows"].values():
         assert set(row) == cls_cols | emb_cols
