@@ -177,7 +177,7 @@ def loop_intra(scores, cls, queries):
 
 
 def test_intra_modal_retrieval_leaves_the_query_out_and_matches_loops():
-    # Emo-CLIM section 4.5 / table 1: image->image and music->music retrieval
+    # Emo-CLIM section 5.1.2 / table 1: image->image and music->music retrieval
     rng = np.random.default_rng(5)
     cls = np.array([0, 0, 1, 1, 1, 2, -1, 0, 1])  # class 2 alone: its query is skipped; -1 unclassed
     s = rng.uniform(size=(9, 9))

@@ -498,3 +498,97 @@ def test_t2m_per_query_weights_equal_the_repeated_queries():
     got = mmva.t2m_summary(mmva.t2m_per_query(scores, rel, ks=(1, 5), k_map=5), np.bincount(idx, minlength=8))
     want = mmva.t2m_metrics(scores[idx], rel[idx], ks=(1, 5), k_map=5)
     assert got == pytest.approx(want, abs=1e-12) and set(got) == set(want)
+
+
+# --- the paper's 10-s inputs and its ablation rows (issue 15) ---------------------------------------------------
+
+def test_context_windows_take_up_to_n_back_to_back_clips_of_the_same_song():
+    clips = pd.DataFrame({"song_id": ["a", "a", "a", "a", "b", "b", "a", "c"],
+                          "start_s": [0.0, 2.0, 4.0, 8.0, 0.0, 2.0, 6.0, 0.0],   # a's clips out of order; a gap at 10 s
+                          "end_s": [2.0, 4.0, 6.0, 10.0, 2.0, 4.0, 8.0, 2.0]})
+    w = [list(x) for x in mmva.context_windows(clips, 5)]
+    # a: 0-2 -> 2-4 -> 4-6 -> 6-8 (row 6) -> 8-10 (row 3): five clips = 10 s; from 4-6 only three remain
+    assert w == [[0, 1, 2, 6, 3], [1, 2, 6, 3], [2, 6, 3], [3], [4, 5], [5], [6, 3], [7]]
+    assert [list(x) for x in mmva.context_windows(clips, 2)][:3] == [[0, 1], [1, 2], [2, 6]]
+    assert all(len(x) == 1 for x in mmva.context_windows(clips, 1))
+    x = torch.arange(16, dtype=torch.float32).reshape(8, 2)
+    got = mmva.context_features(x, clips, 5)
+    torch.testing.assert_close(got[0], x[[0, 1, 2, 6, 3]].mean(dim=0))
+    torch.testing.assert_close(got[3], x[3])
+    assert torch.equal(mmva.context_features(x, clips, 1), x)
+
+
+def test_ablation_switches_name_the_row_and_drop_the_similarity_predictor():
+    assert mmva.label(mmva.config({})) == "MMVA"
+    assert mmva.label(mmva.config({"matching": "pairs"})) == "MMVA (no random matching)"
+    assert mmva.label(mmva.config({"similarity_predictor": False})) == "MMVA (no similarity predictor)"
+    assert mmva.active_terms(mmva.config({"similarity_predictor": False})) == ("va_image", "va_music", "va_text")
+    net = mmva.MMVANet({"image": 6, "music": 5, "text": 4}, 8, [8], 0.0, similarity_predictor=False).eval()
+    out = net(torch.randn(3, 6), torch.randn(3, 5), torch.randn(3, 4))
+    assert set(out) == {"va_image", "va_music", "va_text"} and net.sim is None
+    for bad, key in (({"matching": "fixed"}, "matching"), ({"similarity_predictor": "no"}, "similarity_predictor"),
+                     ({"context_clips": 0}, "context_clips")):
+        with pytest.raises(ImemError, match=rf"methods\.mmva\.{key}"):
+            mmva.config(bad)
+
+
+@pytest.fixture(scope="module")
+def ablation_runs(tmp_path_factory):
+    from corpus_fixtures import synth_pipeline
+    from imem.methods.base import run_method
+    from imem.params import section
+
+    tmp = synth_pipeline(tmp_path_factory.mktemp("mmva_ablation"))
+    common = {"seed": 1, "device": "cpu", "image_encoder": "resnet18", "music_encoder": "resnet18"}
+    out = {}
+    for name, extra in (("pairs", {"matching": "pairs"}), ("nosim", {"similarity_predictor": False}),
+                        ("one_clip", {"context_clips": 1})):
+        m = run_method("mmva", {"common": common, "mmva": SETTINGS}, section("evaluate"), tmp / "prepare",
+                       tmp / "features", tmp / "rep" / "stats.json", tmp / f"models_{name}", tmp / f"reports_{name}",
+                       train_encoders=section("train")["encoders"], track=False, progress=False, memo={},
+                       overrides=extra, run_name=f"mmva_{name}")
+        out[name] = m
+    return out
+
+
+@pytest.mark.slow
+def test_ablation_rows_train_and_score_as_the_paper_describes(ablation_runs, runs):
+    pairs, nosim = ablation_runs["pairs"], ablation_runs["nosim"]
+    assert pairs["label"] == "MMVA (no random matching)" and list(pairs["rows"])[0] == "MMVA (no random matching)"
+    assert pairs["matching"] == "pairs" and pairs["context_clips"] == 5
+    assert {"sim_mse", "m2i_sim_r10", "m2i_emb_r10"} <= set(pairs["rows"]["MMVA (no random matching)"])
+    row = nosim["rows"]["MMVA (no similarity predictor)"]
+    # no similarity predictor: no predicted S, no ranking by it; VA and the VA-space ranking remain
+    assert not any(c.startswith("sim_") or "_sim_" in c for c in row)
+    assert {"music_valence_mse", "m2i_emb_r10", "t2m_r10"} <= set(row)
+    assert not any("_sim_" in c for c in nosim["rows"][CHANCE_ROW])
+    assert nosim["similarity_predictor"] is False
+    # the 10-s context changes the music inputs: the same run on 2-s clips alone scores differently
+    one, ten = ablation_runs["one_clip"]["rows"]["MMVA"], runs[1][0][0]["rows"]["MMVA"]
+    assert ablation_runs["one_clip"]["context_clips"] == 1 and runs[1][0][0]["context_clips"] == 5
+    assert one["music_valence_mse"] != pytest.approx(ten["music_valence_mse"], rel=1e-6)
+
+
+def test_parse_overrides_reads_yaml_values_and_names_a_bad_item():
+    from imem.methods.base import parse_overrides
+
+    assert parse_overrides(["matching=pairs", "similarity_predictor=false", "hidden=[512, 512]"], "methods.mmva") == {
+        "matching": "pairs", "similarity_predictor": False, "hidden": [512, 512]}
+    with pytest.raises(ImemError, match="--set 'matching'"):
+        parse_overrides(["matching"], "methods.mmva")
+
+
+def test_the_full_similarity_matrix_equals_the_predictor_on_every_pair():
+    """_predict_matrix splits the similarity predictor's first Linear per modality; every combination must
+    equal the predictor applied to the concatenated [image, music, caption] embedding of that pair."""
+    torch.manual_seed(3)
+    net = mmva.MMVANet({"image": 6, "music": 5, "text": 4}, 16, [32, 32], 0.5).eval()
+    emb = {"image": torch.randn(7, 16), "music": torch.randn(5, 16), "text": torch.randn(5, 16)}
+    ci, ii = torch.arange(5).repeat_interleave(7), torch.arange(7).repeat(5)
+    with torch.no_grad():
+        pairs = mmva._predict_pairs(net, emb, ci, ii).view(5, 7).double().numpy()
+    for chunk in (7, 10, 65536):  # one clip per chunk, a partial last chunk, everything at once
+        got = mmva._predict_matrix(net, emb, chunk=chunk)
+        assert got.shape == (5, 7)
+        np.testing.assert_allclose(got, pairs, atol=1e-6)
+    assert pairs.std() > 1e-3  # the predictor is not constant, so the comparison can fail

@@ -319,12 +319,33 @@ def check_result(name: str, result: MethodResult) -> None:
             raise ImemError(f"method {name}, row {label!r}: {bad[0]} = {row[bad[0]]!r} is not a finite number")
 
 
+def parse_overrides(items: list[str], prefix: str) -> dict:
+    """``["key=value", ...]`` (``--set`` of stages/method.py) -> ``{key: value}``, each value read as YAML
+    (``false``, ``3``, ``[512, 512]``); a malformed item is an ImemError naming it."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ImemError(f"--set {item!r}: expected KEY=VALUE (a key of {prefix})")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ImemError(f"--set {item!r}: the value is not YAML ({str(exc).splitlines()[0]})") from exc
+    return out
+
+
 def run_method(name: str, methods_params: dict, eval_params: dict, prepare_dir: str | Path,
                features_dir: str | Path, stats_path: str | Path, model_dir: str | Path, report_dir: str | Path,
                train_encoders: dict | None = None, track: bool = True, progress: bool = True,
-               memo: object | None = None) -> dict:
-    """Train and evaluate one method; write its checkpoint, reports and MLflow run; return metrics.json."""
+               memo: object | None = None, overrides: dict | None = None, run_name: str | None = None) -> dict:
+    """Train and evaluate one method; write its checkpoint, reports and MLflow run; return metrics.json.
+    ``overrides``: keys of ``methods.<name>`` set on top of params.yaml (an ablation row, e.g. MMVA's
+    ``matching: pairs``), checked like params; ``run_name``: the run's name (default ``name``)."""
     mod = method_module(name)
+    if overrides:
+        methods_params = {**methods_params, name: {**(methods_params.get(name) or {}), **overrides}}
     cfg = method_config(name, methods_params)
     cfg = resolve_encoders(cfg, train_encoders or {})
     data = load_data(prepare_dir, features_dir, stats_path, memo)
@@ -336,7 +357,8 @@ def run_method(name: str, methods_params: dict, eval_params: dict, prepare_dir: 
         raise ImemError(f"params: methods.common.n_seeds = {n_seeds}: must be an integer >= 1")
     data.backbone_seed = int(cfg["seed"])
     bs = dict(eval_params.get("bootstrap") or {"n": 1000, "seed": 2026, "level": 0.95})
-    with (_tracking(name, cfg) if track else contextlib.nullcontext()):
+    run_name = run_name or name
+    with (_tracking(name, cfg, run_name) if track else contextlib.nullcontext()):
         t0 = time.perf_counter()
         results, reps = [], []
         for k in range(n_seeds):  # training seeds seed, seed + 1, ... (issue 14); the first one is logged per epoch
@@ -361,7 +383,7 @@ def run_method(name: str, methods_params: dict, eval_params: dict, prepare_dir: 
             extra["bootstrap"] = {"resamples": boot[1].n, "seed": boot[1].seed, "level": float(bs["level"]),
                                   "units": "songs of the split (a song's clips together) and images, with replacement"}
             extra["rows_ci"] = {lab: bootstrap.intervals(v, float(bs["level"])) for lab, v in boot[0].items()}
-        metrics = {"method": name, "label": mod.LABEL, "split": ctx.split, "corpus": CORPUS_LABEL, "sigma": data.sigma,
+        metrics = {"method": name, "label": getattr(mod, "label", lambda c: mod.LABEL)(cfg), "split": ctx.split, "corpus": CORPUS_LABEL, "sigma": data.sigma,
                    "relevance_threshold": ctx.relevance_threshold, **results[0].notes,
                    "seconds": round(time.perf_counter() - t0, 1), "rows": rows, **extra}
         seeds_extra = {int(cfg["seed"]) + k: r for k, r in enumerate(results) if k > 0}
@@ -448,10 +470,11 @@ def results_markdown(metrics: dict) -> str:
             f"reproduction of the paper's numbers.\n\n{body}\n")
 
 
-def _tracking(name: str, cfg: dict):
+def _tracking(name: str, cfg: dict, run_name: str):
     from imem.tracking import mlflow_run
 
-    return mlflow_run("imem-methods", name, {**cfg, "corpus": CORPUS_LABEL}, tags={"imem.method": name})
+    return mlflow_run("imem-methods", run_name, {**cfg, "corpus": CORPUS_LABEL}, tags={"imem.method": name,
+                                                                                       "imem.run": run_name})
 
 
 def _mlflow_log(metrics: dict, step: int) -> None:

@@ -222,7 +222,7 @@ def class_per_query(scores: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndar
 
 def class_retrieval(scores: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndarray,
                     ks: tuple[int, ...] = KS, own: np.ndarray | None = None) -> tuple[dict[str, float], int]:
-    """:func:`class_per_query` macro-averaged over query classes (Emo-CLIM section 4.5: per class, then across
+    """:func:`class_per_query` macro-averaged over query classes (Emo-CLIM section 5.1.1: per class, then across
     classes), and the number of queries skipped because no candidate has their class ({} without a query
     left: the columns are then left out)."""
     query_cls = np.asarray(query_cls)
@@ -234,7 +234,7 @@ def class_retrieval(scores: np.ndarray, query_cls: np.ndarray, cand_cls: np.ndar
 
 class ClassRankings:
     """The per-query class-retrieval metrics of every direction over the split's whole pools, computed once:
-    image->music and music->image from ``scores_m2i``; image->image and music->music (section 4.5's intra-modal
+    image->music and music->image from ``scores_m2i``; image->image and music->music (section 5.1.2's intra-modal
     retrieval, a query's own item excluded) from ``scores_ii`` / ``scores_mm`` when given. A bootstrap draw
     only re-averages its drawn queries: each query ranks the whole pool either way, so the numbers equal
     re-ranking (tests/test_emo_clim.py compares both)."""
@@ -438,7 +438,7 @@ def _fit_evaluate(p: dict, cfg: dict, data: MethodData, ctx: RunContext, feats: 
     scores_m2i = similarity(z_mus, z_img)
     y_img, y_mus = codes["image"][ctx.split], codes["music"][ctx.split]
     truth = np.asarray(data.truth(ctx.split), np.float64)
-    # cross-modal and intra-modal (section 4.5, table 1) class rankings, computed once for the split and every
+    # cross-modal and intra-modal (sections 5.1.1-5.1.2, table 1) class rankings, computed once for the split and every
     # bootstrap resample
     classes = ClassRankings(scores_m2i, y_img, y_mus, similarity(z_img, z_img), similarity(z_mus, z_mus))
     model_row, skipped = resample_row(scores_m2i, truth, y_img, y_mus, np.arange(len(y_mus)), np.arange(len(y_img)),

