@@ -458,7 +458,14 @@ def test_short_training_run_rows_history_and_determinism():
     assert set(res.rows) == {"CMER-CL", "RegMLP", "RegBiGRU", CHANCE_ROW}
     for label, row in res.rows.items():
         assert set(row) <= set(COLUMNS) and all(math.isfinite(v) for v in row.values()), label
-    assert {"music_valence_mae", "music_arousal_mse"} <= set(res.rows["RegMLP"])
+    # song-mean VA is another unit than the comparison's per-clip music columns: notes, not row columns
+    assert not any(c.startswith("music_") for row in res.rows.values() for c in row)
+    want = {f"{b}_song_{d}_{m}" for b in ("regmlp", "regbigru") for d in ("valence", "arousal") for m in ("mse", "mae")}
+    assert want <= set(res.notes) and all(0 <= res.notes[k] < 1 for k in want)
+    s = cc.Scored(np.zeros((2, 2)), None, np.array([[0.1, 0.2], [0.4, 0.4]]), np.array([[0.3, 0.2], [0.4, 0.0]]))
+    hand = cc.song_va_errors({"RegMLP": s})
+    assert hand["regmlp_song_valence_mse"] == pytest.approx((0.2**2 + 0) / 2)
+    assert hand["regmlp_song_arousal_mae"] == pytest.approx((0 + 0.4) / 2)
     assert res.notes["N"] == 10 and res.notes["units"] == "songs" and res.notes["seq_len"] == 12
     assert {"train/total", "val/kl_rank", "train/regmlp_m2e", "val/regbigru_e2m"} <= set(res.history[0])
     # the rows are the identity resample of the bootstrap's rescore (clips -> songs)
@@ -481,3 +488,41 @@ def test_short_training_run_fits_the_train_split_beyond_chance():
     chance = res.rows[CHANCE_ROW]
     for label in ("CMER-CL", "RegMLP"):
         assert res.rows[label]["m2e_avg_rank"] < 0.75 * chance["m2e_avg_rank"], (label, res.rows[label])
+
+
+# --- the whole method through run_method, on a small embedded corpus -----------------------------------------
+
+@pytest.mark.slow
+def test_run_method_on_an_embedded_corpus_writes_song_level_rows(tmp_path):
+    """stages/method.py's path end to end: songs of the prepared splits, their 15-45 s dynamic annotations
+    read from the raw corpus (T = 60), frozen clip features, rows, bootstrap intervals and the checkpoint."""
+    import json
+
+    from corpus_fixtures import synth_pipeline
+    from imem.methods.base import run_method
+    from imem.params import section
+
+    tmp = synth_pipeline(tmp_path, n_songs=12)  # 12 + 1 long songs, split 60/20/20: >= 2 songs per split
+    stats = json.loads((tmp / "rep" / "stats.json").read_text())
+    n_test = stats["counts"]["test"]["songs"]
+    assert n_test >= 2
+    methods = {"common": {"seed": 1, "device": "cpu", "image_encoder": "resnet18", "music_encoder": "resnet18",
+                          "n_seeds": 2},
+               "cmer_cl": {"corpus_root": str(tmp / "corpus"), "epochs": 4, "baseline_epochs": 4,
+                           "embed_dim": 16, "cca_dim": 2, "music_layers": [16], "emotion_layers": [16],
+                           "gru_hidden": 8, "regbigru_m2e_hidden": 8, "regbigru_e2m_hidden": 8}}
+    ev = dict(section("evaluate"), bootstrap={"n": 40, "seed": 2026, "level": 0.95})
+    m = run_method("cmer_cl", methods, ev, tmp / "prepare", tmp / "features", tmp / "rep" / "stats.json",
+                   tmp / "models", tmp / "reports", train_encoders=section("train")["encoders"], track=False,
+                   progress=False, memo={})
+    assert (tmp / "models" / "model.pt").is_file() and (tmp / "reports" / "metrics.json").is_file()
+    assert set(m["rows"]) == {"CMER-CL", "RegMLP", "RegBiGRU", CHANCE_ROW}
+    assert m["units"] == "songs" and m["N"] == n_test and m["seq_len"] == 60
+    for label in ("CMER-CL", "RegMLP", "RegBiGRU"):
+        row = m["rows"][label]
+        for d in ("m2e", "e2m"):
+            assert 1 <= row[f"{d}_avg_rank"] <= n_test and 0 < row[f"{d}_mrr"] <= 1, (label, row)
+        ci = m["rows_ci"][label]
+        assert ci["lo"]["m2e_avg_rank"] <= ci["hi"]["m2e_avg_rank"] and set(ci["lo"]) >= {"m2e_mrr", "e2m_mrr"}
+    # chance: the expected rank of the single relevant song among N is (N + 1) / 2
+    assert m["rows"][CHANCE_ROW]["m2e_avg_rank"] == pytest.approx((n_test + 1) / 2)

@@ -271,15 +271,22 @@ class Scored:
 
 def score_rows(scored: dict[str, Scored], si: np.ndarray) -> dict[str, dict[str, float]]:
     """The rows on the songs ``si`` of the split (``arange(n)``: the reported rows; a bootstrap resample:
-    repeated indices): the drawn songs are the queries, each ranked over the split's whole candidate pool;
-    regression: ``pred[si]`` vs ``true[si]``. Only numpy indexing, no forward pass."""
+    repeated indices): the drawn songs are the queries, each ranked over the split's whole candidate pool.
+    Only numpy indexing, no forward pass. The M2E baselines' song-mean VA errors are not row columns: the
+    comparison's ``music_*`` columns are per 2-s clip for every other row, and a song mean is another unit
+    (:func:`song_va_errors` puts them in the run notes instead)."""
     si = np.asarray(si, dtype=np.intp)
-    rows = {}
+    return {label: columns_from_ranks(s.ranks, si) for label, s in scored.items()}
+
+
+def song_va_errors(scored: dict[str, Scored]) -> dict[str, float]:
+    """``<row>_song_{valence,arousal}_{mse,mae}``: each M2E baseline's error on the split's song-mean VA."""
+    out = {}
     for label, s in scored.items():
-        rows[label] = columns_from_ranks(s.ranks, si)
         if s.pred_va is not None:
-            rows[label].update(regression_columns({"music": s.pred_va[si]}, {"music": s.true_va[si]}))
-    return rows
+            for k, v in regression_columns({"music": s.pred_va}, {"music": s.true_va}).items():
+                out[f"{label.lower()}_song_{k.removeprefix('music_')}"] = v
+    return out
 
 
 def make_rescore(
@@ -881,6 +888,7 @@ def _train_evaluate(
         "units": "songs",
         "seq_len": t,
         "hinge": hinge,
+        **song_va_errors(scored),
     }
     return MethodResult(
         rows=rows, history=[history[e] for e in sorted(history)], state=state, notes=notes, rescore=rescore
