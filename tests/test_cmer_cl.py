@@ -1,5 +1,6 @@
-"""CMER-CL (imem.methods.cmer_cl): its formulas against hand-worked values and references, the emotion
-sequences against the prepared clips, the retrieval metrics and chance level, and a short training run."""
+"""CMER-CL (imem.methods.cmer_cl): its formulas against hand computations of the paper's equations (loops,
+not the vectorised code), the song segments, the retrieval metrics, bootstrap and chance level, and a short
+training run on synthetic songs."""
 
 from __future__ import annotations
 
@@ -18,36 +19,46 @@ from imem.methods.base import CHANCE_ROW, COLUMNS
 # --- the formulas -------------------------------------------------------------------------------------------
 
 
-def test_kl_diag_gaussian_hand_value_and_torch_distributions():
-    # 1-d: KL(N(0, 1) || N(1, 4)) = 1/2 (ln 4 + (1 + 1) / 4 - 1) = 0.4431471805599453
-    kl = cc.kl_diag_gaussian(
-        torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([math.log(4.0)])
-    )
-    assert kl.item() == pytest.approx(0.5 * (math.log(4.0) + 0.5 - 1.0), abs=1e-7)
-    assert kl.item() == pytest.approx(0.4431471805599453, abs=1e-7)
-    assert cc.kl_diag_gaussian(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3)).item() == 0.0
+def _kl_eq8(mu1, var1, mu2, var2) -> float:
+    """Eq. 8 by hand, one pair of diagonal Gaussians (sigma = the variances), a loop over the d dims."""
+    d = len(mu1)
+    tr = sum(var1[i] / var2[i] for i in range(d))
+    logdet = math.log(math.prod(var2) / math.prod(var1))
+    maha = sum((mu2[i] - mu1[i]) ** 2 / var2[i] for i in range(d))
+    return 0.5 * (tr - d + logdet + maha)
 
+
+def test_pairwise_kl_is_eq8_by_hand_and_torch_distributions():
+    # 1-d: KL(N(0, 1) || N(1, 4)) = 1/2 (1/4 - 1 + ln 4 + 1/4) = 0.4431471805599453
+    one = cc.pairwise_kl(*(torch.tensor([[v]]) for v in (0.0, 0.0, 1.0, math.log(4.0))))
+    assert one.item() == pytest.approx(0.4431471805599453, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    mu_a, lv_a = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+    )
+    mu_b, lv_b = (
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    )
+    d = cc.pairwise_kl(mu_a, lv_a, mu_b, lv_b)
+    assert d.shape == (3, 5)
+    for i in range(3):
+        for j in range(5):
+            want = _kl_eq8(mu_a[i].tolist(), lv_a[i].exp().tolist(), mu_b[j].tolist(), lv_b[j].exp().tolist())
+            assert d[i, j].item() == pytest.approx(want, abs=1e-10)
     from torch.distributions import Independent, Normal, kl_divergence
 
-    g = torch.Generator().manual_seed(0)
-    mu_p, mu_q, lv_p, lv_q = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(4))
     ref = kl_divergence(
-        Independent(Normal(mu_p, (0.5 * lv_p).exp()), 1), Independent(Normal(mu_q, (0.5 * lv_q).exp()), 1)
+        Independent(Normal(mu_a[:, None], (0.5 * lv_a[:, None]).exp()), 1),
+        Independent(Normal(mu_b[None], (0.5 * lv_b[None]).exp()), 1),
     )
-    assert torch.allclose(cc.kl_diag_gaussian(mu_p, lv_p, mu_q, lv_q), ref, atol=1e-12)
-    # pairwise: entry (i, j) is KL(p_i || q_j); symmetric adds KL(q_j || p_i)
-    d = cc.pairwise_divergence(mu_p, lv_p, mu_q, lv_q, "kl")
-    assert d.shape == (5, 5) and d[1, 3].item() == pytest.approx(
-        cc.kl_diag_gaussian(mu_p[1], lv_p[1], mu_q[3], lv_q[3]).item()
-    )
-    s = cc.pairwise_divergence(mu_p, lv_p, mu_q, lv_q, "symmetric")
-    assert s[2, 0].item() == pytest.approx(
-        d[2, 0].item() + cc.kl_diag_gaussian(mu_q[0], lv_q[0], mu_p[2], lv_p[2]).item()
-    )
+    assert torch.allclose(d, ref, atol=1e-10)
+    assert cc.pairwise_kl(mu_a, lv_a, mu_a, lv_a).diagonal().abs().max() < 1e-10  # KL(p || p) = 0
 
 
 def _cca_numpy(x: np.ndarray, y: np.ndarray, eps: float) -> float:
-    """Textbook CCA: singular values of Sxx^-1/2 Sxy Syy^-1/2 (symmetric inverse square roots by eigh)."""
+    """Textbook CCA: minus the sum of the singular values of Sxx^-1/2 Sxy Syy^-1/2 (eigh inverse roots)."""
     n, d = x.shape
     x, y = x - x.mean(0), y - y.mean(0)
     sxx, syy, sxy = (
@@ -60,11 +71,11 @@ def _cca_numpy(x: np.ndarray, y: np.ndarray, eps: float) -> float:
         w, v = np.linalg.eigh(s)
         return v @ np.diag(w**-0.5) @ v.T
 
-    return -np.linalg.svd(inv_sqrt(sxx) @ sxy @ inv_sqrt(syy), compute_uv=False).sum() / d
+    return -np.linalg.svd(inv_sqrt(sxx) @ sxy @ inv_sqrt(syy), compute_uv=False).sum()
 
 
-def test_cca_loss_hand_value_reference_and_extremes():
-    # d = 1: the only canonical correlation is |Pearson r|; x = 1..4, y = (1, 3, 2, 4): r = 4 / 5 by hand
+def test_cca_loss_is_eq3_sum_of_correlations():
+    # D = 1: the only canonical correlation is |Pearson r|; x = 1..4, y = (1, 3, 2, 4): r = 4 / 5 by hand
     x = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
     assert cc.cca_loss(x, torch.tensor([[1.0], [3.0], [2.0], [4.0]]), eps=0.0).item() == pytest.approx(
         -0.8, abs=1e-6
@@ -72,31 +83,107 @@ def test_cca_loss_hand_value_reference_and_extremes():
     assert cc.cca_loss(x, -x, eps=0.0).item() == pytest.approx(-1.0, abs=1e-6)  # |r| = 1, sign-free
     g = torch.Generator().manual_seed(1)
     h1 = torch.randn(50, 3, generator=g, dtype=torch.float64)
-    # perfectly correlated (an invertible linear map): every canonical correlation is 1 -> the extreme -1
+    # perfectly correlated (an invertible linear map): all three canonical correlations are 1 -> -3 (a sum)
     a = torch.tensor([[2.0, 0.5, 0.0], [0.0, 1.0, -1.0], [1.0, 0.0, 3.0]], dtype=torch.float64)
-    assert cc.cca_loss(h1, h1 @ a + 7.0, eps=1e-10).item() == pytest.approx(-1.0, abs=1e-6)
+    assert cc.cca_loss(h1, h1 @ a + 7.0, eps=1e-10).item() == pytest.approx(-3.0, abs=1e-6)
     h2 = torch.randn(50, 3, generator=g, dtype=torch.float64)
     for eps in (1e-10, 1e-3, 0.5):
-        ref = _cca_numpy(h1.numpy(), h2.numpy(), eps)
-        assert cc.cca_loss(h1, h2, eps=eps).item() == pytest.approx(ref, abs=1e-9)
-    assert -1.0 < cc.cca_loss(h1, h2, eps=1e-10).item() < 0.0
+        assert cc.cca_loss(h1, h2, eps=eps).item() == pytest.approx(
+            _cca_numpy(h1.numpy(), h2.numpy(), eps), abs=1e-9
+        )
     h1.requires_grad_(True)  # finite gradients
     cc.cca_loss(h1, h2, eps=1e-3).backward()
     assert torch.isfinite(h1.grad).all() and h1.grad.abs().sum() > 0
 
 
-def test_kl_rank_loss_hand_worked_batch():
-    d = torch.tensor([[1.0, 3.0, 0.5], [2.0, 1.0, 4.0], [1.5, 2.2, 2.0]])
-    # music anchors (rows), alpha = 1: [1+1-3]+ [1+1-.5]+ | [1+1-2]+ [1+1-4]+ | [1+2-1.5]+ [1+2-2.2]+
-    #   = 0, 1.5, 0, 0, 1.5, 0.8 -> mean 3.8 / 6
-    # emotion anchors (columns): [1+1-2]+ [1+1-1.5]+ | [1+1-3]+ [1+1-2.2]+ | [1+2-.5]+ [1+2-4]+
-    #   = 0, 0.5, 0, 0, 2.5, 0 -> mean 3.0 / 6
-    assert cc.kl_rank_loss(d, 1.0).item() == pytest.approx(3.8 / 6 + 3.0 / 6, abs=1e-6)
-    # matched pairs far closer than every mismatched one by more than the margin: zero loss
-    assert cc.kl_rank_loss(torch.tensor([[0.0, 5.0], [5.0, 0.0]]), 1.0).item() == 0.0
+def test_cca_projections_solve_eq3():
+    """E = (h - mean) W: identity covariances (eq. 3's constraints), cross-covariance diag(rho), and
+    tr(W_m^T S_me W_e) = the sum of the canonical correlations = -cca_loss."""
+    g = torch.Generator().manual_seed(2)
+    h1 = torch.randn(80, 4, generator=g, dtype=torch.float64)
+    h2 = h1[:, [1, 0, 3, 2]] + 0.7 * torch.randn(80, 4, generator=g, dtype=torch.float64)
+    w1, w2, m1, m2 = cc.cca_projections(h1, h2, eps=0.0)
+    e1, e2 = (h1 - m1) @ w1, (h2 - m2) @ w2
+    cov = lambda a, b: a.T @ b / (len(a) - 1)  # noqa: E731
+    assert torch.allclose(cov(e1, e1), torch.eye(4, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(cov(e2, e2), torch.eye(4, dtype=torch.float64), atol=1e-8)
+    c = cov(e1, e2)
+    assert torch.allclose(c, torch.diag(c.diagonal()), atol=1e-8)
+    assert c.diagonal().sum().item() == pytest.approx(-cc.cca_loss(h1, h2, eps=0.0).item(), abs=1e-8)
+
+
+def test_cca_on_more_dimensions_than_songs_is_degenerate():
+    """Why cca_dim is not the paper's 1,024: on 115 songs (one train batch), two *independent* random views
+    of 1,024 dims reach the maximal sum of canonical correlations (every correlation ~1: n - 1 = 114 of
+    them), so the loss says nothing about the data; at 32 dims independent views stay far below the maximum."""
+    g = torch.Generator().manual_seed(0)
+    big = [torch.randn(115, 1024, generator=g, dtype=torch.float64) for _ in range(2)]
+    rho_big = -cc.cca_loss(*big, eps=1e-3).item()
+    assert rho_big > 0.95 * 114
+    small = [torch.randn(115, 32, generator=g, dtype=torch.float64) for _ in range(2)]
+    rho_small = -cc.cca_loss(*small, eps=1e-3).item()
+    assert rho_small < 0.5 * 32
+
+
+def _eq6_by_hand(d_me: list[list[float]], d_em: list[list[float]], alpha: float, hinge: str) -> float:
+    """KL(G) = sum_n r(N^m_n, N^e_n), r of eq. 6 with loops; ``triplet`` moves alpha to the other side."""
+    n, total = len(d_me), 0.0
+    for a in range(n):
+        for b in range(n):
+            if b == a:
+                continue
+            for d in (d_me, d_em):  # music anchors D(N^m_a, .), emotion anchors D(N^e_a, .)
+                v = d[a][a] - alpha - d[a][b] if hinge == "eq6" else alpha + d[a][a] - d[a][b]
+                total += max(0.0, v)
+    return total
+
+
+def test_kl_rank_loss_is_eq6_by_hand():
+    d_me = [[1.0, 3.0, 0.5], [2.0, 1.0, 4.0], [1.5, 0.2, 2.0]]
+    d_em = [[0.5, 2.5, 0.1], [3.0, 2.0, 0.4], [1.0, 1.0, 1.0]]
+    # eq. 6 as printed, alpha = 1: music anchors [1-1-3]+ [1-1-.5]+ | [1-1-2]+ [1-1-4]+ | [2-1-1.5]+ [2-1-.2]+
+    #   = 0 + 0 + 0 + 0 + 0 + 0.8; emotion anchors [.5-1-2.5]+ [.5-1-.1]+ | [2-1-3]+ [2-1-.4]+ | [1-1-1]+ x2
+    #   = 0 + 0 + 0 + 0.6 + 0 + 0 -> 1.4
+    got = cc.kl_rank_loss(torch.tensor(d_me), torch.tensor(d_em), 1.0, "eq6").item()
+    assert got == pytest.approx(1.4, abs=1e-6) and got == pytest.approx(
+        _eq6_by_hand(d_me, d_em, 1.0, "eq6"), abs=1e-6
+    )
+    # the triplet reading: [alpha + D_pos - D_neg]+
+    got = cc.kl_rank_loss(torch.tensor(d_me), torch.tensor(d_em), 1.0, "triplet").item()
+    assert got == pytest.approx(_eq6_by_hand(d_me, d_em, 1.0, "triplet"), abs=1e-6)
+    # sums, not means: a random 6 x 6 batch against the loops
+    rng = np.random.default_rng(0)
+    a, b = rng.random((6, 6)) * 3, rng.random((6, 6)) * 3
+    for hinge in ("eq6", "triplet"):
+        for alpha in (0.0, 0.4, 1.0):
+            want = _eq6_by_hand(a.tolist(), b.tolist(), alpha, hinge)
+            assert cc.kl_rank_loss(torch.tensor(a), torch.tensor(b), alpha, hinge).item() == pytest.approx(
+                want, abs=1e-9
+            )
+    with pytest.raises(ImemError, match="hinge"):
+        cc.kl_rank_loss(torch.tensor(a), torch.tensor(b), 1.0, "other")
     assert cc.composite_loss(torch.tensor(-0.5), torch.tensor(2.0), 0.25).item() == pytest.approx(
         0.25 * -0.5 + 0.75 * 2.0
     )
+
+
+def test_retrieval_score_is_section_3_4_by_hand():
+    e_m = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    e_e = torch.tensor([[2.0, 4.0, 7.0], [3.0, 2.0, 1.0]])
+
+    def pearson(x, y):
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        num = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+        return num / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+    p = cc.pearson_matrix(e_m, e_e)
+    for i in range(2):
+        for j in range(2):
+            assert p[i, j].item() == pytest.approx(pearson(e_m[i].tolist(), e_e[j].tolist()), abs=1e-12)
+    kl = torch.tensor([[0.5, 2.0], [1.0, 0.1]], dtype=torch.float64)
+    s = cc.retrieval_score(p, kl, 0.8)
+    assert s[0, 1].item() == pytest.approx(0.8 * pearson([1, 2, 3], [3, 2, 1]) - 0.2 * 2.0, abs=1e-12)
+    assert s[0, 1].item() == pytest.approx(0.8 * -1.0 - 0.4, abs=1e-12)
 
 
 # --- retrieval and chance -----------------------------------------------------------------------------------
@@ -120,115 +207,30 @@ def test_ranks_mrr_and_median_on_a_hand_made_distance_matrix():
         cc.ranks_from_distances(np.zeros((1, 1)))
 
 
-def test_sequence_distances_are_exact_euclidean_distances():
-    # > 25 rows: torch.cdist's default switches to the matmul form there (errors ~4e-13 on this data)
-    g = torch.Generator().manual_seed(0)
-    true = torch.rand(40, 4, 2, generator=g, dtype=torch.float64)
-    pred = true + 1e-3 * torch.rand(40, 4, 2, generator=g, dtype=torch.float64)
-    pred[0] = true[0]
-    d = cc.sequence_distances(pred, true)
-    a, b = pred.flatten(1).numpy(), true.flatten(1).numpy()
-    ref = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
-    assert d.shape == (40, 40) and d.dtype == np.float64
-    assert np.abs(d - ref).max() < 1e-15 and d[0, 0] == 0.0
-    # a float32 prediction is compared in float64
-    assert np.abs(cc.sequence_distances(pred.float(), true) - ref).max() < 1e-6
-
-
-def _old_ranks(d: np.ndarray) -> np.ndarray:
-    """The rank rule before the bootstrap (issue 14), written out: 1 + #{j != i: D_ij <= D_ii}."""
-    return 1 + ((d <= d.diagonal()[:, None]) & ~np.eye(len(d), dtype=bool)).sum(axis=1)
+def test_abs_error_distances_by_hand():
+    pred = torch.tensor([[0.5, 0.2], [0.1, 0.9]])
+    true = torch.tensor([[0.4, 0.4], [0.0, 1.0], [0.5, 0.2]], dtype=torch.float64)
+    d = cc.abs_error_distances(pred, true)
+    assert d.dtype == np.float64 and d.shape == (2, 3)
+    assert d[0].tolist() == pytest.approx([0.1 + 0.2, 0.5 + 0.8, 0.0], abs=1e-7)
+    assert d[1].tolist() == pytest.approx([0.3 + 0.5, 0.1 + 0.1, 0.4 + 0.7], abs=1e-7)
 
 
 def _scored_fixture(n: int = 12, seed: int = 0) -> dict[str, cc.Scored]:
-    """A CMER-CL-like divergence matrix with ties (rounded), and a RegMLP-like row from real sequences."""
+    """A CMER-CL-like pair of distance matrices with ties (rounded, m2e and e2m different), and a
+    RegMLP-like row from VA predictions."""
     rng = np.random.default_rng(seed)
-    div = np.round(rng.random((n, n)), 1)  # one decimal: many ties, also with the own candidate
-    true = torch.from_numpy(rng.random((n, 4, 2)))
-    pred = true + 0.2 * torch.from_numpy(rng.standard_normal((n, 4, 2)))
-    true_va = true.mean(1).numpy().astype(np.float32)  # the clip means, float32 as data.va gives them
+    true = rng.random((n, 2))
+    pred = true + 0.2 * rng.standard_normal((n, 2))
     return {
-        "CMER-CL": cc.Scored(div),
-        "RegMLP": cc.Scored(cc.sequence_distances(pred, true), pred.mean(1).numpy(), true_va),
+        "CMER-CL": cc.Scored(np.round(rng.random((n, n)), 1), np.round(rng.random((n, n)), 1)),
+        "RegMLP": cc.Scored(
+            cc.abs_error_distances(torch.from_numpy(pred), torch.from_numpy(true)),
+            np.round(rng.random((n, n)), 1),
+            pred,
+            true.astype(np.float32),
+        ),
     }
-
-
-def test_identity_resample_reproduces_the_rows():
-    from imem.methods.base import regression_columns
-
-    scored = _scored_fixture()
-    n = len(scored["CMER-CL"].dist)
-    got = cc.make_rescore(scored)(np.arange(n), np.arange(0))
-    assert list(got) == ["CMER-CL", "RegMLP"]
-    for label, s in scored.items():
-        want = {}
-        for short, d in (("m2e", s.dist), ("e2m", s.dist.T)):
-            r = _old_ranks(d).astype(float)
-            want.update(
-                {
-                    f"{short}_mrr": np.mean(1 / r),
-                    f"{short}_avg_rank": r.mean(),
-                    f"{short}_median_rank": np.median(r),
-                }
-            )
-        if s.pred_va is not None:
-            want.update(regression_columns({"music": s.pred_va}, {"music": s.true_va}))
-        assert list(got[label]) == list(want), label  # same columns, same order
-        assert got[label] == pytest.approx(want, abs=1e-9, rel=0), label
-        assert got[label] == cc.retrieval_columns(s.dist) | {k: v for k, v in want.items() if "music" in k}
-    # the ties are real: some own candidates share their distance with another one
-    d = scored["CMER-CL"].dist
-    assert ((d == d.diagonal()[:, None]) & ~np.eye(n, dtype=bool)).any()
-
-
-def test_resample_with_a_duplicated_and_a_dropped_clip_hand_worked():
-    d = np.array(
-        [
-            [0.3, 0.1, 0.5, 0.3],
-            [0.2, 0.6, 0.4, 0.9],
-            [0.4, 0.2, 0.2, 0.1],
-            [0.8, 0.7, 0.6, 0.5],
-        ]
-    )
-    ci = np.array([0, 2, 2, 3])  # clip 1 dropped, clip 2 drawn twice
-    # a resample draws only the queries: each drawn query ranks all 4 candidates (the dropped clip 1 too),
-    # exactly its own clip relevant. Materialised by hand: m2e rows d[ci[p], :], relevant where q == ci[p]
-    dd = np.array(
-        [
-            [0.3, 0.1, 0.5, 0.3],
-            [0.4, 0.2, 0.2, 0.1],
-            [0.4, 0.2, 0.2, 0.1],
-            [0.8, 0.7, 0.6, 0.5],
-        ]
-    )
-    rel = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=bool)
-    assert np.array_equal(d[ci, :], dd)
-    # music -> emotion: m0 own 0.3, e1's 0.1 and the tie 0.3 of e3 count against it: rank 3; both copies of
-    # m2: own 0.2, the tie 0.2 of e1 and e3's 0.1: rank 3; m3 own 0.5, nothing <= 0.5: rank 1
-    assert cc.ranks_from_distances(dd, rel).tolist() == [3, 3, 3, 1]
-    # emotion -> music (columns of d): e0 own 0.3, the dropped m1's 0.2 is closer: rank 2; both copies of e2
-    # own 0.2, nothing <= 0.2: rank 1; e3 own 0.5, m0's 0.3 and m2's 0.1 are closer: rank 3
-    ee = np.array([[0.3, 0.2, 0.4, 0.8], [0.5, 0.4, 0.2, 0.6], [0.5, 0.4, 0.2, 0.6], [0.3, 0.9, 0.1, 0.5]])
-    assert np.array_equal(d.T[ci, :], ee)
-    assert cc.ranks_from_distances(ee, rel).tolist() == [2, 1, 1, 3]
-    want = {
-        "m2e_mrr": (3 / 3 + 1) / 4,
-        "m2e_avg_rank": 10 / 4,
-        "m2e_median_rank": 3.0,
-        "e2m_mrr": (1 / 2 + 1 + 1 + 1 / 3) / 4,
-        "e2m_avg_rank": 7 / 4,
-        "e2m_median_rank": 1.5,
-    }
-    assert cc.retrieval_columns(d, ci) == pytest.approx(want, abs=1e-12)
-    got = cc.make_rescore({"CMER-CL": cc.Scored(d)})(ci, np.array([5, 5, 1]))  # image draws are ignored
-    assert got == {"CMER-CL": pytest.approx(want, abs=1e-12)}
-    # the drawn queries' ranks are their plain full-split ranks (the full split: m2e 3, 3, 3, 1;
-    # m1 own 0.6, 0.2 and 0.4 closer: rank 3, not drawn)
-    assert cc.ranks_from_distances(d).tolist() == [3, 3, 3, 1]
-    with pytest.raises(ImemError, match="relevance mask"):
-        cc.ranks_from_distances(dd, np.zeros_like(rel))
-    with pytest.raises(ImemError, match="square"):
-        cc.ranks_from_distances(dd[:3])  # (queries x candidates) needs its relevance mask
 
 
 def _brute_force_rank(distances: list[float], relevant: list[bool]) -> int:
@@ -238,39 +240,45 @@ def _brute_force_rank(distances: list[float], relevant: list[bool]) -> int:
     return next(pos for pos, j in enumerate(order, start=1) if relevant[j])
 
 
-def test_resample_matches_brute_force_on_materialised_arrays():
-    scored = _scored_fixture(n=12, seed=3)
-    ci = np.array([7, 0, 3, 3, 3, 9, 11, 0, 5, 2, 10])  # 1, 4, 6, 8 dropped; 0 twice, 3 three times; unsorted
-    got = cc.make_rescore(scored)(ci, np.arange(4))
+def test_song_resample_matches_brute_force():
+    """Clips -> songs: each song's first clip stands for it, so a song drawn k times (all its clips k times)
+    is k queries; each query ranks the split's whole pool of songs, its own the relevant one."""
+    n = 12
+    scored = _scored_fixture(n=n, seed=3)
+    # 12 songs of 1-3 clips, interleaved in the clip table
+    song_of = np.array([0, 1, 0, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10, 11, 11, 2, 9])
+    first = np.full(len(song_of), -1)
+    for s in range(n):
+        first[np.flatnonzero(song_of == s)[0]] = s
+    rescore = cc.make_rescore(scored, first)
+    drawn = [7, 0, 3, 3, 3, 9, 11, 0, 5, 2, 10]  # songs 1, 4, 6, 8 dropped; 0 twice, 3 three times
+    ci = np.concatenate([np.flatnonzero(song_of == s) for s in drawn])
+    got = rescore(ci, np.arange(4))
+    m = len(drawn)
     for label, s in scored.items():
-        m, n = len(ci), len(s.dist)
-        # each drawn query against the whole pool of n candidates, exactly its own clip relevant
-        m2e = [
-            _brute_force_rank([float(s.dist[ci[p], q]) for q in range(n)], [q == ci[p] for q in range(n)])
-            for p in range(m)
-        ]
-        e2m = [
-            _brute_force_rank([float(s.dist[q, ci[p]]) for q in range(n)], [q == ci[p] for q in range(n)])
-            for p in range(m)
-        ]
+        e2m_d = s.dist.T if s.dist_e2m is None else s.dist_e2m
         want = {}
-        for short, r in (("m2e", m2e), ("e2m", e2m)):
+        for short, d in (("m2e", s.dist), ("e2m", e2m_d)):
+            r = [
+                _brute_force_rank([float(d[q, c]) for c in range(n)], [c == q for c in range(n)])
+                for q in drawn
+            ]
             want.update(
                 {
                     f"{short}_mrr": sum(1 / x for x in r) / m,
                     f"{short}_avg_rank": sum(r) / m,
                     f"{short}_median_rank": float(sorted(r)[m // 2]),
                 }
-            )  # m odd: the middle one
-        if s.pred_va is not None:
-            for j, dim in enumerate(("valence", "arousal")):
-                err = [float(s.pred_va[i, j]) - float(s.true_va[i, j]) for i in ci]
-                want[f"music_{dim}_mse"] = sum(e * e for e in err) / m
-                want[f"music_{dim}_mae"] = sum(abs(e) for e in err) / m
-        assert set(got[label]) == set(want), label
+            )
+        # the M2E baselines' song-mean VA errors are run notes (song_va_errors), not resampled row columns
+        assert set(got[label]) == set(want) and set(want) <= set(COLUMNS), label
         assert got[label] == pytest.approx(want, abs=1e-9, rel=0), label
-    # the resample changes the numbers (it is not the identity in disguise)
-    full = cc.make_rescore(scored)(np.arange(12), np.arange(0))
+    # the identity resample (every clip once) is the reported rows: every song once
+    full = rescore(np.arange(len(song_of)), np.arange(0))
+    assert full == cc.score_rows(scored, np.arange(n))
+    assert full["CMER-CL"] == pytest.approx(
+        cc.retrieval_columns(scored["CMER-CL"].dist, scored["CMER-CL"].dist_e2m)
+    )
     assert got["CMER-CL"]["m2e_avg_rank"] != full["CMER-CL"]["m2e_avg_rank"]
 
 
@@ -287,7 +295,7 @@ def test_chance_formulas_match_brute_force_over_permutations(n):
     assert ch["m2e_mrr"] == pytest.approx(sum(1 / k for k in range(1, n + 1)) / n)
 
 
-# --- emotion sequences --------------------------------------------------------------------------------------
+# --- song segments ----------------------------------------------------------------------------------------
 
 
 def _dyn(values_v, values_a, t0=15000, step=500):
@@ -297,34 +305,39 @@ def _dyn(values_v, values_a, t0=15000, step=500):
     return DynamicAnnotations(["7"], t0 + step * np.arange(v.shape[1]), v, a)
 
 
-def test_va_sequences_window_normalisation_and_errors():
+def test_song_segments_by_hand():
+    # song 7: 2-Hz samples from 15 s; a 2-s segment 16-18 s for a short check (T = 4)
     dyn = _dyn(
-        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, np.nan, np.nan],
-        [-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8, np.nan, np.nan],
+        [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]],
+        [[-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8, -0.9, -1.0]],
     )
     maps = {"deam": {"valence": (-1.0, 2.0), "arousal": (-1.0, 4.0)}}
     clips = pd.DataFrame(
         {
-            "clip_id": ["7-9"],
-            "song_id": ["7"],
-            "source": ["deam"],
-            "start_s": [16.0],
-            "end_s": [18.0],
-            "valence_raw": [0.45],
-            "arousal_raw": [-0.45],
+            "clip_id": ["7-9", "7-10"],
+            "song_id": ["7", "7"],
+            "source": ["deam", "deam"],
+            "start_s": [16.0, 18.0],
+            "end_s": [18.0, 20.0],
+            "valence_raw": [0.45, 0.85],
+            "arousal_raw": [-0.45, -0.85],
         }
     )
-    seq = cc.va_sequences(clips, dyn, maps, "deam")
-    assert seq.shape == (1, 4, 2)  # samples at 16.0, 16.5, 17.0, 17.5 s
-    assert np.allclose(seq[0, :, 0], (np.array([0.3, 0.4, 0.5, 0.6]) + 1) / 2)
-    assert np.allclose(seq[0, :, 1], (np.array([-0.3, -0.4, -0.5, -0.6]) + 1) / 4)
-    late = clips.assign(clip_id="7-10", start_s=18.0, end_s=20.0, valence_raw=0.8, arousal_raw=-0.8)
-    with pytest.raises(ImemError, match=r"clip 7-10: no dynamic VA sample at 19000 ms"):
-        cc.va_sequences(late, dyn, maps, "deam")
-    with pytest.raises(ImemError, match=r"clip 7-9: mean dynamic valence"):
-        cc.va_sequences(clips.assign(valence_raw=0.3), dyn, maps, "deam")
-    with pytest.raises(ImemError, match=r"'pmemo' clips"):
-        cc.va_sequences(clips.assign(source="pmemo"), dyn, maps, "deam")
+    songs = cc.song_segments(clips, dyn, maps, "deam", 16.0, 18.0)
+    assert songs.song_ids == ["7"] and songs.seq.shape == (1, 4, 2)
+    assert np.allclose(songs.seq[0, :, 0], (np.array([0.3, 0.4, 0.5, 0.6]) + 1) / 2)
+    assert np.allclose(songs.seq[0, :, 1], (np.array([-0.3, -0.4, -0.5, -0.6]) + 1) / 4)
+    assert [m.tolist() for m in songs.clips] == [[0]]  # only the clip inside the segment
+    assert songs.song_of_clip.tolist() == [0, -1]
+    assert np.allclose(songs.va[0], songs.seq[0].mean(0))
+    whole = cc.song_segments(clips, dyn, maps, "deam", 15.0, 20.0)
+    assert whole.seq.shape == (1, 10, 2) and [m.tolist() for m in whole.clips] == [[0, 1]]
+    with pytest.raises(ImemError, match=r"song 7: the deam annotations lack"):
+        cc.song_segments(clips, dyn, maps, "deam", 15.0, 25.0)
+    with pytest.raises(ImemError, match=r"song 7: no clip lies inside"):
+        cc.song_segments(clips, dyn, maps, "deam", 15.0, 16.5)
+    with pytest.raises(ImemError, match=r"clip 7-9: mean dynamic valence"):  # the clips.csv check
+        cc.song_segments(clips.assign(valence_raw=0.3), dyn, maps, "deam", 16.0, 18.0)
     # the affine map of the prepare stage is recovered from clips.csv's raw / normalised columns
     frame = pd.DataFrame({"source": "deam", "valence_raw": [-0.5, 0.0, 0.7], "arousal_raw": [0.1, 0.2, 0.9]})
     frame["valence"], frame["arousal"] = (frame["valence_raw"] + 1) / 2, (frame["arousal_raw"] + 1) / 4
@@ -332,53 +345,33 @@ def test_va_sequences_window_normalisation_and_errors():
     assert rec["valence"] == pytest.approx((-1.0, 2.0)) and rec["arousal"] == pytest.approx((-1.0, 4.0))
 
 
-def test_pmemo_sequences_match_the_prepared_clip_means(tmp_path):
-    from corpus_fixtures import write_pmemo
-    from imem.data.clips import clip_windows
-    from imem.data.prepare import normalise
-
-    write_pmemo(tmp_path / "PMEmo", {"3": 30.0, "8": 26.0}, np.random.default_rng(0))
-    cfg = {"corpus_root": str(tmp_path), "music_format": "pmemo", "music_dir": "PMEmo"}
-    source, dyn = cc.load_dynamic(cfg)
-    clips = clip_windows(dyn).assign(source=source)
-    clips[["valence_raw", "arousal_raw"]] = clips[["valence", "arousal"]]
-    clips[["valence", "arousal"]], _ = normalise(clips[["valence", "arousal"]], clips["source"], {}, "data")
-    seq = cc.va_sequences(clips, dyn, cc.affine_maps([clips]), source)
-    assert seq.shape == (len(clips), 4, 2) and len(clips) > 5
-    assert np.abs(seq.mean(axis=1) - clips[["valence", "arousal"]].to_numpy()).max() < 1e-6  # float32
-
-
 def test_settings_are_checked():
     base = {"seed": 1, "device": "cpu", "music_encoder": {"type": "resnet", "arch": "resnet18"}}
-    assert cc.check_config(base)["lambda_cca"] == cc.DEFAULTS["lambda_cca"]
+    assert cc.check_config(base)["lambda_cca"] == 0.8 and cc.DEFAULTS["margin"] == 1.0
     for bad, key in (
         ({"lambda_cca": 1.5}, "lambda_cca"),
         ({"margin": -1}, "margin"),
         ({"epochs": 0}, "epochs"),
         ({"batch_size": 1}, "batch_size"),
         ({"lr": 0}, "lr"),
-        ({"divergence": "js"}, "divergence"),
+        ({"hinge": "js"}, "hinge"),
         ({"music_format": "mp3"}, "music_format"),
         ({"embed_dimm": 3}, "embed_dimm"),
         ({"cca_eps": 0}, "cca_eps"),
-        ({"baseline_frame_pool": 0}, "baseline_frame_pool"),
+        ({"cca_dim": 0}, "cca_dim"),
+        ({"music_layers": []}, "music_layers"),
+        ({"emotion_layers": [512, 0]}, "emotion_layers"),
+        ({"regmlp_e2m_layers": 32}, "regmlp_e2m_layers"),
+        ({"regbigru_m2e_hidden": 0}, "regbigru_m2e_hidden"),
+        ({"segment_start_s": -1.0}, "segment_start_s"),
+        ({"segment_end_s": 15.0}, "segment_end_s"),
         ({"cpu_threads": -1}, "cpu_threads"),
         ({"dropout": 1.0}, "dropout"),
-        # not finite, or a bool (True is an int in Python)
         ({"margin": math.nan}, "margin"),
-        ({"margin": math.inf}, "margin"),
-        ({"weight_decay": math.nan}, "weight_decay"),
         ({"weight_decay": math.inf}, "weight_decay"),
-        ({"lr": math.inf}, "lr"),
         ({"lr": True}, "lr"),
-        ({"baseline_lr": True}, "baseline_lr"),
         ({"baseline_lr": math.nan}, "baseline_lr"),
-        ({"cca_eps": True}, "cca_eps"),
-        ({"cca_eps": math.inf}, "cca_eps"),
-        ({"margin": True}, "margin"),
-        ({"dropout": False}, "dropout"),
         ({"lambda_cca": True}, "lambda_cca"),
-        ({"lambda_cca": math.nan}, "lambda_cca"),
         ({"cpu_threads": True}, "cpu_threads"),
     ):
         with pytest.raises(ImemError, match=rf"methods\.cmer_cl\.{key}") as e:
@@ -388,266 +381,144 @@ def test_settings_are_checked():
         cc.load_dynamic({**cc.DEFAULTS, "corpus_root": "/nonexistent/corpus"})
 
 
-# --- the embedded corpus: sequences and a short training run ------------------------------------------------
+def test_params_yaml_agrees_with_the_defaults():
+    from pathlib import Path
+
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    assert params["methods"]["cmer_cl"] == cc.DEFAULTS
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from corpus_fixtures import synth_pipeline
-
-    return synth_pipeline(tmp_path_factory.mktemp("cmer_cl"))
+# --- a short training run on synthetic songs ------------------------------------------------------------
 
 
-def _methods(tmp, **over):
-    return {
-        "common": {"seed": 1, "device": "cpu", "image_encoder": "resnet18", "music_encoder": "resnet18"},
-        "cmer_cl": {
-            "corpus_root": str(tmp / "corpus"),
-            "epochs": 6,
-            "batch_size": 16,
-            "baseline_epochs": 4,
-            "baseline_gru_hidden": 8,
+def _synthetic(sizes=(("train", 24), ("val", 8), ("test", 10)), width=16, t=12, seed=0):
+    """Songs whose VA sequence is a noisy linear function of their (3-clip) music features."""
+    rng = np.random.default_rng(seed)
+    proj = rng.standard_normal((width, 2)) * 0.1
+    songs, inputs = {}, {}
+    for s, n in sizes:
+        clips = torch.from_numpy(rng.standard_normal((n, 3, width)).astype(np.float32))
+        va = 0.5 + clips.mean(1).numpy() @ proj
+        seq = (va[:, None] + 0.02 * rng.standard_normal((n, t, 2))).astype(np.float32)
+        soc = np.full(3 * n, -1)
+        soc[::3] = np.arange(n)
+        songs[s] = cc.Songs(
+            [str(k) for k in range(n)], seq, [np.arange(3 * k, 3 * k + 3) for k in range(n)], soc
+        )
+        inputs[s] = {
+            "mean": clips.mean(1),
+            "clips": clips,
+            "lengths": torch.full((n,), 3),
+            "seq": torch.from_numpy(seq),
+        }
+    return songs, inputs
+
+
+def _small_cfg(**over):
+    return cc.check_config(
+        {
+            "seed": 1,
+            "device": "cpu",
+            "music_encoder": {"type": "resnet"},
+            "epochs": 30,
+            "baseline_epochs": 30,
+            "embed_dim": 8,
+            "cca_dim": 4,
+            "music_layers": [16, 16],
+            "emotion_layers": [16, 16],
+            "gru_hidden": 8,
+            "dropout": 0.1,
+            "regmlp_m2e_layers": [8],
+            "regbigru_m2e_layers": [8],
+            "regbigru_m2e_hidden": 8,
+            "regbigru_e2m_layers": [8],
+            "regbigru_e2m_hidden": 8,
             **over,
-        },
+        }
+    )
+
+
+def _train(split="test", **over):
+    from imem.methods.base import RunContext
+
+    songs, inputs = _synthetic()
+    ctx = RunContext(split=split, relevance_threshold=0.5, ndcg_k=10, progress=False, log=lambda m, s: None)
+    with cc.torch_threads(1):
+        return cc._train_evaluate(_small_cfg(**over), ctx, torch.device("cpu"), songs, inputs), songs
+
+
+def test_short_training_run_rows_history_and_determinism():
+    res, songs = _train()
+    assert set(res.rows) == {"CMER-CL", "RegMLP", "RegBiGRU", CHANCE_ROW}
+    for label, row in res.rows.items():
+        assert set(row) <= set(COLUMNS) and all(math.isfinite(v) for v in row.values()), label
+    # song-mean VA is another unit than the comparison's per-clip music columns: notes, not row columns
+    assert not any(c.startswith("music_") for row in res.rows.values() for c in row)
+    want = {f"{b}_song_{d}_{m}" for b in ("regmlp", "regbigru") for d in ("valence", "arousal") for m in ("mse", "mae")}
+    assert want <= set(res.notes) and all(0 <= res.notes[k] < 1 for k in want)
+    s = cc.Scored(np.zeros((2, 2)), None, np.array([[0.1, 0.2], [0.4, 0.4]]), np.array([[0.3, 0.2], [0.4, 0.0]]))
+    hand = cc.song_va_errors({"RegMLP": s})
+    assert hand["regmlp_song_valence_mse"] == pytest.approx((0.2**2 + 0) / 2)
+    assert hand["regmlp_song_arousal_mae"] == pytest.approx((0 + 0.4) / 2)
+    assert res.notes["N"] == 10 and res.notes["units"] == "songs" and res.notes["seq_len"] == 12
+    assert {"train/total", "val/kl_rank", "train/regmlp_m2e", "val/regbigru_e2m"} <= set(res.history[0])
+    # the rows are the identity resample of the bootstrap's rescore (clips -> songs)
+    assert res.rescore(np.arange(30), np.arange(0)) == {k: v for k, v in res.rows.items() if k != CHANCE_ROW}
+    again, _ = _train()
+    assert again.rows == res.rows and again.history == res.history
+    assert set(res.state) >= {
+        "music_encoder",
+        "emotion_encoder",
+        "cca_projections",
+        "regmlp_m2e",
+        "regbigru_e2m",
     }
 
 
-@pytest.mark.slow
-def test_sequences_of_the_prepared_clips_average_to_their_labels(synth):
-    from imem.methods.base import load_data
-
-    data = load_data(synth / "prepare", synth / "features", synth / "rep" / "stats.json")
-    seqs = cc.emotion_sequences({**cc.DEFAULTS, "corpus_root": str(synth / "corpus")}, data)
-    for s, seq in seqs.items():
-        clips = data.clips[s]
-        assert seq.shape == (len(clips), 4, 2)
-        assert np.abs(seq.mean(axis=1) - clips[["valence", "arousal"]].to_numpy()).max() < 2e-6, s
-        assert seq.std(axis=1).max() > 0  # real sequences, not the repeated mean
-    with pytest.raises(ImemError, match="corpus_root is not the prepared corpus"):
-        other = data.clips["train"].assign(valence_raw=data.clips["train"]["valence_raw"] + 0.01)
-        source, dyn = cc.load_dynamic({**cc.DEFAULTS, "corpus_root": str(synth / "corpus")})
-        cc.va_sequences(other, dyn, cc.affine_maps([data.clips[s] for s in seqs]), source)
-
-
-@pytest.fixture(scope="module")
-def fitted():
-    """The MethodResults of ``runs`` (captured around cc.fit_evaluate: run_method only returns metrics)."""
-    return []
-
-
-@pytest.fixture(scope="module")
-def runs(synth, fitted):
-    from imem.methods.base import run_method
-    from imem.params import section
-
-    ev = dict(section("evaluate"), split="test")
-    memo, out, threads = {}, [], torch.get_num_threads()
-    fit = cc.fit_evaluate
-
-    def capture(cfg, data, ctx):
-        fitted.append(fit(cfg, data, ctx))
-        return fitted[-1]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cc, "fit_evaluate", capture)  # run_method calls the module's attribute
-        for i in range(2):
-            m = run_method(
-                "cmer_cl",
-                _methods(synth),
-                ev,
-                synth / "prepare",
-                synth / "features",
-                synth / "rep" / "stats.json",
-                synth / f"models{i}",
-                synth / f"reports{i}",
-                train_encoders=section("train")["encoders"],
-                track=False,
-                progress=False,
-                memo=memo,
-            )
-            out.append((m, synth / f"models{i}", synth / f"reports{i}"))
-            assert torch.get_num_threads() == threads  # cpu_threads is restored after the run
-    return out
-
-
-@pytest.mark.slow
-def test_identity_resample_of_a_trained_run_reproduces_its_rows(runs, fitted, synth):
-    """The rescore closure of a real run: the identity resample gives the reported rows (chance row excepted),
-    and run_method's bootstrap got every column of every model row."""
-    from imem import bootstrap
-
-    m, _, report_dir = runs[0]
-    result = fitted[0]
-    n = len(pd.read_csv(synth / "prepare" / "test" / "clips.csv"))
-    got = result.rescore(np.arange(n), np.arange(0))
-    want = {k: v for k, v in result.rows.items() if k != CHANCE_ROW}
-    assert list(got) == ["CMER-CL", "RegMLP", "RegBiGRU"]
-    for label, row in want.items():
-        assert list(got[label]) == list(row), label
-        assert got[label] == pytest.approx(row, abs=1e-9, rel=0), label
-        assert m["rows"][label] == pytest.approx(row, abs=1e-6), label
-    reps, n_rep, _ = bootstrap.load(report_dir / "bootstrap.npz")
-    assert n_rep >= 1 and set(reps) == set(want)
-    for label, row in want.items():
-        assert set(reps[label]) == set(row) and all(np.isfinite(v).all() for v in reps[label].values()), label
-
-
-@pytest.mark.slow
-def test_training_run_writes_valid_outputs_and_learns(runs, synth):
-    m, model_dir, report_dir = runs[0]
-    for f in (
-        model_dir / "model.pt",
-        report_dir / "metrics.json",
-        report_dir / "history.csv",
-        report_dir / "results.md",
-    ):
-        assert f.is_file(), f
-    assert list(m["rows"]) == ["CMER-CL", "RegMLP", "RegBiGRU", CHANCE_ROW]
-    ret = {f"{d}_{k}" for d in ("m2e", "e2m") for k in ("mrr", "avg_rank", "median_rank")}
-    reg = {f"music_{dim}_{k}" for dim in ("valence", "arousal") for k in ("mse", "mae")}
-    assert set(m["rows"]["CMER-CL"]) == ret and set(m["rows"][CHANCE_ROW]) == ret
-    assert set(m["rows"]["RegMLP"]) == ret | reg and set(m["rows"]["RegBiGRU"]) == ret | reg
-    n = len(pd.read_csv(synth / "prepare" / "test" / "clips.csv"))
-    assert m["N"] == n and m["rows"][CHANCE_ROW]["m2e_avg_rank"] == pytest.approx((n + 1) / 2)
-    hist = pd.read_csv(report_dir / "history.csv")
-    assert list(hist["epoch"]) == [1, 2, 3, 4, 5, 6]
-    assert {
-        "train/total",
-        "train/cca",
-        "train/kl_rank",
-        "val/total",
-        "val/cca",
-        "val/kl_rank",
-        "train/regmlp",
-        "val/regmlp",
-        "train/regbigru",
-        "val/regbigru",
-    } <= set(hist)
-    assert hist["train/total"].iloc[-1] < hist["train/total"].iloc[0]
-    assert hist["train/regmlp"].iloc[3] < hist["train/regmlp"].iloc[0]
-    assert hist["train/regbigru"].iloc[3] < hist["train/regbigru"].iloc[0]
-    assert hist["train/regbigru"].iloc[4:].isna().all()  # the baselines ran 4 epochs
-    assert m["best_epoch"] == int(hist.loc[hist["val/total"].idxmin(), "epoch"])
-    assert m["best_epoch_regmlp"] == int(hist.loc[hist["val/regmlp"].idxmin(), "epoch"])
-    state = torch.load(model_dir / "model.pt", weights_only=False)
-    assert {"music_encoder", "emotion_encoder", "regmlp", "regbigru", "config"} <= set(state)
-    assert state["emotion_encoder"]["out.weight"].shape == (
-        2 * cc.DEFAULTS["embed_dim"],
-        2 * cc.DEFAULTS["gru_hidden"],
-    )
-
-
-@pytest.mark.slow
-def test_reported_retrieval_is_that_of_the_saved_models(runs, synth):
-    """The test rows of CMER-CL and RegMLP, recomputed here from model.pt (the kept best-val weights), the
-    frozen features and the emotion sequences: the checkpoint holds what was scored, on the scored split."""
-    from imem.methods.base import SPLITS, load_data, torch_threads
-
-    m, model_dir, _ = runs[0]
-    state = torch.load(model_dir / "model.pt", weights_only=False)
-    cfg = state["settings"]
-    data = load_data(synth / "prepare", synth / "features", synth / "rep" / "stats.json")
-    feats = cc._standardise(
-        *(data.frozen("music", cfg["music_encoder"], cfg["seed"], s, progress=False).float() for s in SPLITS)
-    )[SPLITS.index("test")]
-    seqs = torch.from_numpy(cc.emotion_sequences(cfg, data)["test"])
-    t = seqs.shape[1]
-    music = cc.MusicEncoder(feats.shape[1], cfg["music_hidden"], cfg["embed_dim"], cfg["dropout"])
-    emotion = cc.EmotionEncoder(cfg["gru_hidden"], cfg["embed_dim"])
-    regmlp = cc.RegMLP(feats.shape[1], cfg["baseline_hidden"], t, cfg["dropout"])
-    for model, key in ((music, "music_encoder"), (emotion, "emotion_encoder"), (regmlp, "regmlp")):
-        model.load_state_dict(state[key])
-        model.eval()
-    with torch.no_grad(), torch_threads(cfg["cpu_threads"]):
-        div = cc.pairwise_divergence(*music(feats), *emotion(seqs), cfg["divergence"]).double().numpy()
-        dist = cc.sequence_distances(regmlp(feats), seqs)
-    for label, d in (("CMER-CL", div), ("RegMLP", dist)):
-        row = {k: v for k, v in m["rows"][label].items() if k[:4] in ("m2e_", "e2m_")}
-        assert row == pytest.approx(cc.retrieval_columns(d), abs=2e-6), label
-
-
-@pytest.fixture(scope="module")
-def train_run(synth):
-    from imem.params import section
-
-    return _run_cmer(
-        synth,
-        _methods(synth, baseline_epochs=8),  # 4 fit RegMLP unreliably here (mean rank 9.5-27 over seeds 1-3)
-        dict(section("evaluate"), split="train"),
-        synth / "models_train",
-        synth / "reports_train",
-    )
-
-
-def _run_cmer(synth, methods: dict, eval_params: dict, models, reports) -> dict:
-    """run_method("cmer_cl") on the synth fixture's prepared splits, untracked."""
-    from imem.methods.base import run_method
-    from imem.params import section
-
-    return run_method(
-        "cmer_cl",
-        methods,
-        eval_params,
-        synth / "prepare",
-        synth / "features",
-        synth / "rep" / "stats.json",
-        models,
-        reports,
-        train_encoders=section("train")["encoders"],
-        track=False,
-        progress=False,
-        memo={},
-    )
-
-
-@pytest.mark.slow
-def test_cmer_cl_and_regmlp_fit_the_train_split_beyond_chance(train_run):
-    """Scored on the split they were trained on (68 clips): the short run must retrieve far above chance.
-    (The fixture's 13 test clips are too few, and 6 epochs too short, to show it there: CMER-CL sat at chance
-    there for seeds 1-6.) On the generator of issue 14, over seeds 1-3: CMER-CL's m2e MRR 0.18-0.22 and RegMLP's
-    (8 baseline epochs) 0.29-0.59, against chance H_68 / 68 = 0.071; mean ranks 11-14 and 4.5-16 against 34.5.
-    With 4 baseline epochs RegMLP's mean rank spread over 9.5-27, too short a run to fit reliably."""
-    rows = train_run["rows"]
-    chance = rows[CHANCE_ROW]
-    assert train_run["N"] == 68 and chance["m2e_mrr"] == pytest.approx(
-        cc.chance_columns(68)["m2e_mrr"], abs=1e-6
-    )
+def test_short_training_run_fits_the_train_split_beyond_chance():
+    """Scored on the 24 songs it was trained on (a learnable synthetic relation): CMER-CL and the M2E
+    regression must retrieve well above chance (mean rank 12.5)."""
+    res, _ = _train(split="train", hinge="triplet", epochs=60, baseline_epochs=60)
+    chance = res.rows[CHANCE_ROW]
     for label in ("CMER-CL", "RegMLP"):
-        assert rows[label]["m2e_mrr"] > 1.5 * chance["m2e_mrr"], label
-        assert rows[label]["m2e_avg_rank"] < 0.75 * chance["m2e_avg_rank"], label
+        assert res.rows[label]["m2e_avg_rank"] < 0.75 * chance["m2e_avg_rank"], (label, res.rows[label])
 
 
-@pytest.mark.slow
-def test_training_run_is_deterministic(runs):
-    (m0, d0, r0), (m1, d1, r1) = runs
-    assert {k: v for k, v in m0.items() if k != "seconds"} == {k: v for k, v in m1.items() if k != "seconds"}
-    assert (r0 / "history.csv").read_text() == (r1 / "history.csv").read_text()
-    s0, s1 = torch.load(d0 / "model.pt", weights_only=False), torch.load(d1 / "model.pt", weights_only=False)
-    for part in ("music_encoder", "emotion_encoder", "regmlp", "regbigru"):
-        for k, v in s0[part].items():
-            assert torch.equal(v, s1[part][k]), (part, k)
-
+# --- the whole method through run_method, on a small embedded corpus -----------------------------------------
 
 @pytest.mark.slow
-def test_a_corpus_without_the_windows_samples_is_refused(synth, tmp_path):
-    """A clip whose dynamic samples are gone from the raw annotations: ImemError naming the clip."""
-    import shutil
+def test_run_method_on_an_embedded_corpus_writes_song_level_rows(tmp_path):
+    """stages/method.py's path end to end: songs of the prepared splits, their 15-45 s dynamic annotations
+    read from the raw corpus (T = 60), frozen clip features, rows, bootstrap intervals and the checkpoint."""
+    import json
 
+    from corpus_fixtures import synth_pipeline
+    from imem.methods.base import run_method
     from imem.params import section
 
-    corpus = tmp_path / "corpus"
-    shutil.copytree(synth / "corpus" / "DEAM" / "annotations", corpus / "DEAM" / "annotations")
-    clip = pd.read_csv(synth / "prepare" / "train" / "clips.csv", dtype={"song_id": str}).iloc[0]
-    for dim in ("valence", "arousal"):
-        f = corpus / "DEAM" / "annotations" / f"{dim}.csv"
-        df = pd.read_csv(f, dtype={"song_id": str})
-        df = df[df["song_id"] != clip["song_id"]]
-        df.to_csv(f, index=False)
-    with pytest.raises(ImemError, match=rf"clip {clip['clip_id']}: no dynamic VA sample"):
-        _run_cmer(
-            synth,
-            _methods(synth, corpus_root=str(corpus)),
-            section("evaluate"),
-            tmp_path / "m",
-            tmp_path / "r",
-        )
+    tmp = synth_pipeline(tmp_path, n_songs=12)  # 12 + 1 long songs, split 60/20/20: >= 2 songs per split
+    stats = json.loads((tmp / "rep" / "stats.json").read_text())
+    n_test = stats["counts"]["test"]["songs"]
+    assert n_test >= 2
+    methods = {"common": {"seed": 1, "device": "cpu", "image_encoder": "resnet18", "music_encoder": "resnet18",
+                          "n_seeds": 2},
+               "cmer_cl": {"corpus_root": str(tmp / "corpus"), "epochs": 4, "baseline_epochs": 4,
+                           "embed_dim": 16, "cca_dim": 2, "music_layers": [16], "emotion_layers": [16],
+                           "gru_hidden": 8, "regbigru_m2e_hidden": 8, "regbigru_e2m_hidden": 8}}
+    ev = dict(section("evaluate"), bootstrap={"n": 40, "seed": 2026, "level": 0.95})
+    m = run_method("cmer_cl", methods, ev, tmp / "prepare", tmp / "features", tmp / "rep" / "stats.json",
+                   tmp / "models", tmp / "reports", train_encoders=section("train")["encoders"], track=False,
+                   progress=False, memo={})
+    assert (tmp / "models" / "model.pt").is_file() and (tmp / "reports" / "metrics.json").is_file()
+    assert set(m["rows"]) == {"CMER-CL", "RegMLP", "RegBiGRU", CHANCE_ROW}
+    assert m["units"] == "songs" and m["N"] == n_test and m["seq_len"] == 60
+    for label in ("CMER-CL", "RegMLP", "RegBiGRU"):
+        row = m["rows"][label]
+        for d in ("m2e", "e2m"):
+            assert 1 <= row[f"{d}_avg_rank"] <= n_test and 0 < row[f"{d}_mrr"] <= 1, (label, row)
+        ci = m["rows_ci"][label]
+        assert ci["lo"]["m2e_avg_rank"] <= ci["hi"]["m2e_avg_rank"] and set(ci["lo"]) >= {"m2e_mrr", "e2m_mrr"}
+    # chance: the expected rank of the single relevant song among N is (N + 1) / 2
+    assert m["rows"][CHANCE_ROW]["m2e_avg_rank"] == pytest.approx((n_test + 1) / 2)

@@ -1,23 +1,25 @@
-"""CMER-CL: cross-modal music emotion recognition with composite loss-based embeddings (issue 7).
+"""CMER-CL: cross-modal music emotion recognition with composite loss-based embeddings (issues 7, 15).
 
 Takashima, Li, Grzegorzek, Shirahama, "Cross-modal Music Emotion Recognition Using Composite Loss-based
-Embeddings", arXiv:2112.07192 (Dec 2021; later IEEE Access 2023 as "Embedding-based Music Emotion
-Recognition Using Composite Loss"). A music encoder and an emotion encoder map a clip's audio and its
-valence-arousal *sequence* to diagonal Gaussians in one space, trained with
+Embeddings", arXiv:2112.07192 (full text: shared/papers/001_b713675a1af9457a.txt). Retrieval units are
+**songs** (§4.1.1): a song's 30-s segment ``segment_start_s``-``segment_end_s`` (15-45 s), its emotion the
+2-Hz VA sequence of the segment (T = 60) and its music input the mean frozen feature of its clips inside the
+segment (the MLP music encoder of §3.1 on the mean feature, the best on DEAM). The music encoder (five softplus
+FC layers) and the emotion encoder (BiGRU + five softplus FC layers) each end in three FC heads (§3.4): a CCA
+embedding FC(f̂) and the mean / log-variance of a diagonal Gaussian, trained with
 
-    L = lambda * CCA(mu_music, mu_emotion) + (1 - lambda) * KL-ranking(music, emotion),
+    CL = lambda * CCA(FC(f̂_m), FC(f̂_e)) + (1 - lambda) * KL-ranking(Gaussians)          (eq. 1)
 
-and retrieval runs both ways: music -> emotion (each clip ranks every clip's VA sequence; its own is the
-relevant one) and emotion -> music, scored by MRR, mean rank and median rank. Two regression baselines of the
-paper sit in the same module: RegMLP (frozen music features -> MLP -> VA sequence) and RegBiGRU (the
-handcrafted 193 x 87 matrix as 87 frames -> BiGRU -> VA sequence), retrieving by Euclidean distance between
-the predicted and the true sequences. docs/methods/cmer_cl.md lists what the public text of the paper
-confirms and what is this project's choice.
+Retrieval both ways (§3.4): score = lambda * Pearson(E_q, E_t) + (1 - lambda) * (-KL(N_q || N_t)), E = W^T FC(f̂)
+with the CCA projections W fitted on the training split (eq. 3), ranked by MRR, average and median rank. The
+paper's regression baselines (§4.5, table 3) are two rows: RegMLP (M2E: MLP on the mean audio feature -> mean
+VA; E2M: MLP on the mean VA -> mean audio feature) and RegBiGRU (M2E: BiGRU over the segment's clip features ->
+mean VA; E2M: BiGRU over the VA sequence -> mean audio feature), MAE losses, ranked by absolute error.
+docs/methods/cmer_cl.md maps every quantity to the paper and states each deviation.
 
-The emotion sequence of a clip is its dynamic VA samples inside its window (DEAM / PMEmo: 2 Hz, four samples
-per 2-s clip), read from the raw corpus under ``corpus_root`` and mapped to [0, 1] with the same per-source
-affine map the prepare stage applied to the clip means (recovered exactly from clips.csv's raw and
-normalised columns), so the mean of a clip's sequence is its clips.csv valence / arousal.
+The VA samples are read from the raw corpus under ``corpus_root`` and mapped to [0, 1] with the per-source
+affine map the prepare stage applied to the clip means (recovered exactly from clips.csv's raw and normalised
+columns).
 """
 
 from __future__ import annotations
@@ -58,27 +60,34 @@ DEFAULTS = {
     "corpus_root": "data",
     "music_format": "deam",  # deam | pmemo
     "music_dir": "DEAM",
-    # CMER-CL
-    "epochs": 40,
-    "batch_size": 128,
+    # the song's segment (§4.1.1: 15-45 s of every DEAM song, T = 60 samples at 2 Hz)
+    "segment_start_s": 15.0,
+    "segment_end_s": 45.0,
+    # CMER-CL (§4.3)
+    "epochs": 60,  # paper: 5,001 at lr 1e-5 (CPU budget, see the docs)
+    "batch_size": 128,  # songs per batch: the whole train split (115 songs) in one, for the CCA covariances
     "lr": 1.0e-3,
     "weight_decay": 0.0,
-    "embed_dim": 32,  # d of the diagonal Gaussians
-    "music_hidden": 256,  # music encoder MLP hidden units
-    "gru_hidden": 32,  # emotion encoder BiGRU hidden units per direction
-    "dropout": 0.2,
-    "lambda_cca": 0.5,  # lambda in lambda * CCA + (1 - lambda) * KL-ranking
-    "margin": 1.0,  # alpha of the KL-ranking hinge
+    "embed_dim": 1024,  # d of the Gaussian space C^(kl) (§4.3.2)
+    "cca_dim": 32,  # D of the CCA space C^(cca) (paper 1024: rank-deficient on ~115 songs, see the docs)
+    "music_layers": [256, 512, 512, 1024, 1024],  # softplus FC layers of the music MLP (§4.3.1)
+    "emotion_layers": [512, 512, 512, 1024, 1024],  # softplus FC layers after the emotion BiGRU (§4.3.1)
+    "gru_hidden": 64,  # emotion BiGRU units per direction (paper 512, §4.3.1: 3.5x slower per epoch here)
+    "dropout": 0.5,
+    "lambda_cca": 0.8,  # lambda of eq. 1 and of the retrieval score (§4.4.2, DEAM)
+    "margin": 1.0,  # alpha of eq. 6 (§4.4.2, DEAM)
+    "hinge": "eq6",  # eq6: [D_pos - alpha - D_neg]_+ as eq. 6 prints it | triplet: [alpha + D_pos - D_neg]_+
     "cca_eps": 1.0e-3,  # ridge added to the CCA covariance matrices
-    "divergence": "kl",  # kl: KL(music || emotion) | symmetric: KL(m || e) + KL(e || m)
-    # RegMLP / RegBiGRU baselines
-    "baseline_epochs": 40,
+    # RegMLP / RegBiGRU baselines (§4.5, table 3: hidden FC layers; the output layer is the target's width)
+    "baseline_epochs": 60,  # paper: 2,000-19,200 (table 3)
     "baseline_lr": 1.0e-3,
-    "baseline_hidden": 256,  # RegMLP hidden units
-    "baseline_gru_hidden": 32,  # RegBiGRU hidden units per direction
-    "baseline_frame_pool": 3,  # RegBiGRU: handcrafted frames averaged in groups of this many (87 -> 29)
-    # torch CPU threads while training (0: leave torch's setting). These models are tiny: one thread measured
-    # 3.5x faster than two per RegBiGRU epoch on the 2-core box (0.18 vs 0.67 s), far more under CPU contention
+    "regmlp_m2e_layers": [128, 64, 16, 128, 512],
+    "regmlp_e2m_layers": [32],
+    "regbigru_m2e_layers": [64, 32, 16, 32],
+    "regbigru_m2e_hidden": 64,  # paper 512 (table 3): 5x slower per epoch here
+    "regbigru_e2m_layers": [128, 32, 128, 128],
+    "regbigru_e2m_hidden": 128,
+    # torch CPU threads while training (0: leave torch's setting)
     "cpu_threads": 1,
 }
 BASELINES = ("RegMLP", "RegBiGRU")
@@ -88,71 +97,89 @@ LOGVAR_BOUND = 8.0  # log-variances are squashed into (-8, 8) (smoothly, by tanh
 # --- the paper's formulas ------------------------------------------------------------------------------
 
 
-def kl_diag_gaussian(
-    mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Tensor, logvar_q: torch.Tensor
+def pairwise_kl(
+    mu_a: torch.Tensor, lv_a: torch.Tensor, mu_b: torch.Tensor, lv_b: torch.Tensor
 ) -> torch.Tensor:
-    """KL(N(mu_p, diag e^logvar_p) || N(mu_q, diag e^logvar_q)), summed over the last dim (broadcasts)."""
-    # Takashima et al. 2021 (arXiv:2112.07192), KL between music/emotion Gaussians; eq. no. unconfirmed
-    return 0.5 * (logvar_q - logvar_p + (logvar_p.exp() + (mu_p - mu_q) ** 2) / logvar_q.exp() - 1.0).sum(-1)
+    """(n_a, n_b) matrix D[i, j] = KL(N(mu_a_i, diag e^lv_a_i) || N(mu_b_j, diag e^lv_b_j)), every sum over
+    the d dims written as a matrix product (O(n_a n_b d) in BLAS, not an (n_a, n_b, d) tensor)."""
+    ib = torch.exp(-lv_b)  # 1 / sigma_b
+    # Takashima et al., eq. 8: 1/2 {sum sigma_a/sigma_b - d + ln prod sigma_b/prod sigma_a + sum (mu_b - mu_a)^2/sigma_b}
+    return 0.5 * (
+        torch.exp(lv_a) @ ib.T
+        - mu_a.shape[-1]
+        + lv_b.sum(-1)[None]
+        - lv_a.sum(-1)[:, None]
+        + (mu_a**2) @ ib.T
+        - 2 * mu_a @ (mu_b * ib).T
+        + (mu_b**2 * ib).sum(-1)[None]
+    )
 
 
-def pairwise_divergence(
-    mu_m: torch.Tensor, lv_m: torch.Tensor, mu_e: torch.Tensor, lv_e: torch.Tensor, kind: str = "kl"
-) -> torch.Tensor:
-    """(n_music, n_emotion) divergences: ``kl`` = KL(music_i || emotion_j); ``symmetric`` adds
-    KL(emotion_j || music_i)."""
-    a = (mu_m[:, None], lv_m[:, None])
-    b = (mu_e[None], lv_e[None])
-    d = kl_diag_gaussian(*a, *b)
-    if kind == "symmetric":
-        d = d + kl_diag_gaussian(*b, *a)
-    elif kind != "kl":
-        raise ImemError(f"params: methods.cmer_cl.divergence = {kind!r} is not one of: kl, symmetric")
-    return d
+def _whitened_cross(h1: torch.Tensor, h2: torch.Tensor, eps: float):
+    """Centred float64 views, Cholesky factors L1, L2 of the ridged covariances and T = L1^-1 S12 L2^-T
+    (same singular values as S11^-1/2 S12 S22^-1/2)."""
+    n, d1 = h1.shape
+    if n < 2:
+        raise ImemError(f"CCA needs at least 2 samples, got {n}")
+    x = h1.double() - h1.double().mean(0)
+    y = h2.double() - h2.double().mean(0)
+    s11 = x.T @ x / (n - 1) + eps * torch.eye(d1, dtype=torch.float64, device=h1.device)
+    s22 = y.T @ y / (n - 1) + eps * torch.eye(h2.shape[1], dtype=torch.float64, device=h1.device)
+    l1, l2 = torch.linalg.cholesky(s11), torch.linalg.cholesky(s22)
+    t = torch.linalg.solve_triangular(l1, x.T @ y / (n - 1), upper=False)  # L1^-1 S12
+    t = torch.linalg.solve_triangular(l2, t.T, upper=False).T  # ... L2^-T
+    return l1, l2, t
 
 
 def cca_loss(h1: torch.Tensor, h2: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Minus the mean canonical correlation of two (n, d) views (Deep CCA's objective, divided by d).
-
-    The sum of canonical correlations is the nuclear norm of Sigma11^-1/2 Sigma12 Sigma22^-1/2, computed
-    with Cholesky whitening (same singular values, stable gradients); ``eps`` is a ridge on both covariances.
-    """
-    # Takashima et al. 2021, CCA term (form of Andrew et al. 2013's Deep CCA); eq. no. unconfirmed
-    n, d = h1.shape
-    if n < 2:
-        raise ImemError(f"CCA loss needs at least 2 samples, got {n}")
-    x = h1.double() - h1.double().mean(0)
-    y = h2.double() - h2.double().mean(0)
-    eye = torch.eye(d, dtype=torch.float64, device=h1.device)
-    s11 = x.T @ x / (n - 1) + eps * eye
-    s22 = y.T @ y / (n - 1) + eps * eye
-    s12 = x.T @ y / (n - 1)
-    l1, l2 = torch.linalg.cholesky(s11), torch.linalg.cholesky(s22)
-    t = torch.linalg.solve_triangular(l1, s12, upper=False)  # L1^-1 S12
-    t = torch.linalg.solve_triangular(l2, t.T, upper=False).T  # ... L2^-T
-    return (-torch.linalg.svdvals(t).sum() / d).to(h1.dtype)
+    """Minus the sum of the canonical correlations of two (n, D) views: eq. 3's -tr(W_m^T S_me W_e) at its
+    optimum under W_m^T S_mm W_m = W_e^T S_ee W_e = I (Andrew et al. 2013), ``eps`` a ridge on S_mm, S_ee."""
+    # Takashima et al., eq. 3 (the nuclear norm of S_mm^-1/2 S_me S_ee^-1/2)
+    return (-torch.linalg.svdvals(_whitened_cross(h1, h2, eps)[2]).sum()).to(h1.dtype)
 
 
-def kl_rank_loss(div: torch.Tensor, margin: float) -> torch.Tensor:
-    """Bidirectional hinge on a (B, B) divergence matrix whose diagonal holds the matched pairs: the mean over
-    mismatched (i, j) of [alpha + D_ii - D_ij]_+ (music anchors) plus the mean of [alpha + D_jj - D_ij]_+
-    (emotion anchors)."""
-    # Takashima et al. 2021, KL-divergence ranking loss, margin alpha (in-batch negatives); eq. unconfirmed
-    b = div.shape[0]
-    if b < 2 or div.shape != (b, b):
+def cca_projections(h1: torch.Tensor, h2: torch.Tensor, eps: float = 1e-3):
+    """The W_m, W_e solving eq. 3 on (n, D) views (columns sorted by canonical correlation) and the views'
+    means: E = (h - mean) @ W. Projected, both views have identity covariance and cross-covariance diag(rho)."""
+    l1, l2, t = _whitened_cross(h1, h2, eps)
+    u, _, vh = torch.linalg.svd(t)
+    w1 = torch.linalg.solve_triangular(l1.T, u, upper=True)  # L1^-T U
+    w2 = torch.linalg.solve_triangular(l2.T, vh.T, upper=True)  # L2^-T V
+    return w1, w2, h1.double().mean(0), h2.double().mean(0)
+
+
+def kl_rank_loss(d_me: torch.Tensor, d_em: torch.Tensor, margin: float, hinge: str = "eq6") -> torch.Tensor:
+    """Eq. 6 summed over the batch's positive pairs: d_me[n, n'] = D(N^m_n, N^e_n'), d_em[n, n'] =
+    D(N^e_n, N^m_n'), both (N, N) with the positive pairs on the diagonal. ``eq6``: the hinge as printed,
+    max{0, D_pos - alpha - D_neg}; ``triplet``: max{0, alpha + D_pos - D_neg} (the reading of the prose)."""
+    b = d_me.shape[0]
+    if b < 2 or d_me.shape != (b, b) or d_em.shape != (b, b):
         raise ImemError(
-            f"KL-ranking loss needs a square divergence matrix of >= 2 pairs, got {tuple(div.shape)}"
+            f"KL-ranking loss needs two square divergence matrices of >= 2 pairs, got {tuple(d_me.shape)}"
         )
-    pos = div.diagonal()
-    off = ~torch.eye(b, dtype=torch.bool, device=div.device)
-    music_anchor = torch.relu(margin + pos[:, None] - div)[off].mean()
-    emotion_anchor = torch.relu(margin + pos[None, :] - div)[off].mean()
-    return music_anchor + emotion_anchor
+    if hinge not in ("eq6", "triplet"):
+        raise ImemError(f"params: methods.cmer_cl.hinge = {hinge!r} is not one of: eq6, triplet")
+    off = ~torch.eye(b, dtype=torch.bool, device=d_me.device)
+    alpha = -margin if hinge == "eq6" else margin
+    # Takashima et al., eq. 6 (music anchors + emotion anchors), KL(G) = sum over n of r(N^m_n, N^e_n)
+    return sum(torch.relu(alpha + d.diagonal()[:, None] - d)[off].sum() for d in (d_me, d_em))
 
 
 def composite_loss(cca: torch.Tensor, kl_rank: torch.Tensor, lam: float) -> torch.Tensor:
-    # Takashima et al. 2021, composite loss lambda * CCA + (1 - lambda) * KL-ranking (as the issue states it)
+    # Takashima et al., eq. 1: CL = lambda * CCA + (1 - lambda) * KL
     return lam * cca + (1.0 - lam) * kl_rank
+
+
+def pearson_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n_a, n_b) Pearson correlation between the rows of a (n_a, D) and b (n_b, D), over the D dims."""
+    a = a.double() - a.double().mean(1, keepdim=True)
+    b = b.double() - b.double().mean(1, keepdim=True)
+    return (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
+
+
+def retrieval_score(pearson: torch.Tensor, kl: torch.Tensor, lam: float) -> torch.Tensor:
+    # Takashima et al., §3.4: similarity = lambda * Pearson(E_q, E_t) + (1 - lambda) * (-KL(N_q || N_t))
+    return lam * pearson - (1.0 - lam) * kl
 
 
 # --- retrieval -----------------------------------------------------------------------------------------
@@ -187,34 +214,27 @@ def ranks_from_distances(dist: np.ndarray, relevant: np.ndarray | None = None) -
     return 1 + ((dist <= best) & ~relevant).sum(axis=1)
 
 
-def sequence_distances(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray:
-    """(n_pred, n_true) Euclidean distances between flattened sequences, in float64 from the differences
-    themselves: torch.cdist's default for > 25 rows uses ||a||^2 + ||b||^2 - 2ab, which is off by up to
-    ~1e-13 here (~1e-7 in float32), enough to flip near-ties, and ties count against the query."""
+def abs_error_distances(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray:
+    """(n_pred, n_true) absolute errors sum_k |pred_ik - true_jk| (the baselines' AE of §4.5), float64."""
     a, b = pred.detach().double().cpu().flatten(1), true.detach().double().cpu().flatten(1)
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").numpy()
+    return torch.cdist(a, b, p=1.0).numpy()
 
 
-def retrieval_columns(dist: np.ndarray, idx: np.ndarray | None = None) -> dict[str, float]:
-    """``m2e_*`` from the rows of a square (music x emotion) distance matrix over the split's n clips,
-    ``e2m_*`` from its columns.
+def query_ranks(dist_m2e: np.ndarray, dist_e2m: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every song's rank as a query, both directions, over the split's whole candidate pool: ``m2e`` from the
+    rows of the square (music x emotion) ``dist_m2e``, ``e2m`` from the rows of the (emotion x music)
+    ``dist_e2m`` (default ``dist_m2e.T``, one symmetric distance). Computed once; a bootstrap resample then
+    only indexes them (:func:`columns_from_ranks`)."""
+    dist_m2e = np.asarray(dist_m2e, dtype=np.float64)
+    dist_e2m = dist_m2e.T if dist_e2m is None else np.asarray(dist_e2m, dtype=np.float64)
+    if dist_m2e.ndim != 2 or dist_m2e.shape[0] != dist_m2e.shape[1] or dist_e2m.shape != dist_m2e.shape:
+        raise ImemError(f"retrieval needs square (music x emotion) distance matrices, got {dist_m2e.shape}")
+    return {s: ranks_from_distances(d).astype(np.float64) for s, d in (("m2e", dist_m2e), ("e2m", dist_e2m))}
 
-    ``idx`` (clip indices, repeated where a bootstrap resample drew a clip twice) draws only the queries:
-    each drawn query ranks the split's whole candidate pool, its own clip the one relevant candidate
-    (m2e: ``dist[idx, :]``, e2m: ``dist.T[idx, :]``, relevance ``eye(n)[idx, :]``), so its rank is its plain
-    full-split rank and a clip drawn k times counts k times. Without ``idx``: ``arange(n)``, the full split
-    (the same code path, the same numbers)."""
-    return columns_from_ranks(query_ranks(dist), idx)
 
-
-def query_ranks(dist: np.ndarray) -> dict[str, np.ndarray]:
-    """Every clip's rank as a query of the square (music x emotion) distance matrix, both directions
-    (``m2e``: rows, ``e2m``: columns), over the split's whole candidate pool: computed once, a bootstrap
-    resample then only indexes them (:func:`columns_from_ranks`)."""
-    dist = np.asarray(dist, dtype=np.float64)
-    if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
-        raise ImemError(f"retrieval needs a square (music x emotion) distance matrix, got {dist.shape}")
-    return {short: ranks_from_distances(d).astype(np.float64) for short, d in (("m2e", dist), ("e2m", dist.T))}
+def retrieval_columns(dist_m2e: np.ndarray, dist_e2m: np.ndarray | None = None) -> dict[str, float]:
+    """``m2e_*`` / ``e2m_*`` of the whole split (:func:`query_ranks` then :func:`columns_from_ranks`)."""
+    return columns_from_ranks(query_ranks(dist_m2e, dist_e2m))
 
 
 def columns_from_ranks(ranks: dict[str, np.ndarray], idx: np.ndarray | None = None) -> dict[str, float]:
@@ -234,41 +254,53 @@ def columns_from_ranks(ranks: dict[str, np.ndarray], idx: np.ndarray | None = No
 
 @dataclass(frozen=True)
 class Scored:
-    """What one row is scored from, computed once after training: the (music clips x emotion sequences)
-    distance matrix of the split and, for the regression baselines, the predicted and true clip mean VA
-    ((n, 2) valence, arousal)."""
+    """What one row is scored from, computed once after training: the split's (music songs x emotion songs)
+    distances ``dist`` for m2e and (emotion x music) ``dist_e2m`` for e2m (None: ``dist.T``) and, for the
+    regression baselines, the predicted and true song mean VA ((n, 2) valence, arousal)."""
 
     dist: np.ndarray
+    dist_e2m: np.ndarray | None = None
     pred_va: np.ndarray | None = None
     true_va: np.ndarray | None = None
 
     @functools.cached_property
     def ranks(self) -> dict[str, np.ndarray]:
-        """:func:`query_ranks` of ``dist``, once for the split and all its bootstrap resamples."""
-        return query_ranks(self.dist)
+        """:func:`query_ranks` of the distances, once for the split and all its bootstrap resamples."""
+        return query_ranks(self.dist, self.dist_e2m)
 
 
-def score_rows(scored: dict[str, Scored], ci: np.ndarray) -> dict[str, dict[str, float]]:
-    """The rows on the clips ``ci`` of the split (``arange(n)``: the reported rows; a bootstrap resample:
-    repeated indices). Retrieval: the drawn clips are the queries, each ranked over the split's whole
-    candidate pool (``retrieval_columns``); regression: ``pred[ci]`` vs ``true[ci]``. Only numpy indexing,
-    no forward pass."""
-    ci = np.asarray(ci, dtype=np.intp)
-    rows = {}
+def score_rows(scored: dict[str, Scored], si: np.ndarray) -> dict[str, dict[str, float]]:
+    """The rows on the songs ``si`` of the split (``arange(n)``: the reported rows; a bootstrap resample:
+    repeated indices): the drawn songs are the queries, each ranked over the split's whole candidate pool.
+    Only numpy indexing, no forward pass. The M2E baselines' song-mean VA errors are not row columns: the
+    comparison's ``music_*`` columns are per 2-s clip for every other row, and a song mean is another unit
+    (:func:`song_va_errors` puts them in the run notes instead)."""
+    si = np.asarray(si, dtype=np.intp)
+    return {label: columns_from_ranks(s.ranks, si) for label, s in scored.items()}
+
+
+def song_va_errors(scored: dict[str, Scored]) -> dict[str, float]:
+    """``<row>_song_{valence,arousal}_{mse,mae}``: each M2E baseline's error on the split's song-mean VA."""
+    out = {}
     for label, s in scored.items():
-        rows[label] = columns_from_ranks(s.ranks, ci)
         if s.pred_va is not None:
-            rows[label].update(regression_columns({"music": s.pred_va[ci]}, {"music": s.true_va[ci]}))
-    return rows
+            for k, v in regression_columns({"music": s.pred_va}, {"music": s.true_va}).items():
+                out[f"{label.lower()}_song_{k.removeprefix('music_')}"] = v
+    return out
 
 
 def make_rescore(
-    scored: dict[str, Scored],
+    scored: dict[str, Scored], song_of_clip: np.ndarray
 ) -> Callable[[np.ndarray, np.ndarray], dict[str, dict[str, float]]]:
-    """``MethodResult.rescore``: clip indices ``ci``, image indices ``ii`` (ignored: CMER-CL is music-only)."""
+    """``MethodResult.rescore``: clip indices ``ci`` of a resample (a song drawn k times: each of its clips k
+    times), image indices ``ii`` (ignored: CMER-CL is music-only). ``song_of_clip[c]`` is the song index of
+    clip c where c is its song's first clip in the split's table, else -1: so a song drawn k times is k
+    queries."""
+    song_of_clip = np.asarray(song_of_clip, dtype=np.intp)
 
     def rescore(ci: np.ndarray, ii: np.ndarray | None = None) -> dict[str, dict[str, float]]:
-        return score_rows(scored, ci)
+        si = song_of_clip[np.asarray(ci, dtype=np.intp)]
+        return score_rows(scored, si[si >= 0])
 
     return rescore
 
@@ -384,79 +416,165 @@ def va_sequences(
     return seq.astype(np.float32)
 
 
-def emotion_sequences(cfg: dict, data: MethodData) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class Songs:
+    """A split's retrieval units (§4.1.1): ``song_ids`` in order of first appearance in clips.csv, ``seq``
+    (n_songs, T, 2) normalised VA of each song's segment, ``va`` its mean (n_songs, 2), ``clips`` per song the
+    positions (in the split's clip table) of its clips inside the segment, ``song_of_clip`` the song index of
+    each song's first clip in the table (-1 for every other clip: the bootstrap's queries)."""
+
+    song_ids: list[str]
+    seq: np.ndarray
+    clips: list[np.ndarray]
+    song_of_clip: np.ndarray
+
+    @property
+    def va(self) -> np.ndarray:
+        return self.seq.mean(axis=1)
+
+
+def song_segments(
+    clips: pd.DataFrame, dyn: DynamicAnnotations, maps: dict, source: str, start_s: float, end_s: float
+) -> Songs:
+    """The songs of ``clips`` with the VA samples at start_s, start_s + step, ... < end_s of their dynamic
+    annotations (DEAM: 15, 15.5, ..., 44.5 s: T = 60), normalised with ``maps``; ImemError naming the song when
+    a sample is missing or no clip lies inside the segment. The clips' own windows are checked against
+    clips.csv by :func:`va_sequences` first (the corpus under corpus_root must be the prepared one)."""
+    va_sequences(clips, dyn, maps, source)
+    step = dyn.step_ms
+    t0_ms, t1_ms = round(start_s * 1000), round(end_s * 1000)
+    if (t1_ms - t0_ms) % step or t1_ms <= t0_ms:
+        raise ImemError(
+            f"params: methods.cmer_cl.segment_end_s = {end_s!r} - segment_start_s must be a positive whole "
+            f"number of {step}-ms samples"
+        )
+    times = t0_ms + step * np.arange((t1_ms - t0_ms) // step)
+    col = {int(t): i for i, t in enumerate(dyn.times_ms)}
+    song_pos = {s: i for i, s in enumerate(dyn.song_ids)}
+    song_ids = list(dict.fromkeys(clips["song_id"].astype(str)))
+    sid = clips["song_id"].astype(str).to_numpy()
+    cs = np.round(clips["start_s"].to_numpy(float) * 1000)
+    ce = np.round(clips["end_s"].to_numpy(float) * 1000)
+    inside = (cs >= t0_ms) & (ce <= t1_ms)
+    seq = np.empty((len(song_ids), len(times), 2), np.float32)
+    members, song_of_clip = [], np.full(len(clips), -1, np.intp)
+    for k, s in enumerate(song_ids):
+        cols = [col.get(int(t), -1) for t in times]
+        raw = (
+            np.stack([dyn.valence[song_pos[s], cols], dyn.arousal[song_pos[s], cols]], axis=-1)
+            if s in song_pos and min(cols) >= 0
+            else np.full((len(times), 2), np.nan)
+        )
+        if not np.isfinite(raw).all():
+            raise ImemError(
+                f"song {s}: the {source} annotations lack dynamic VA samples in {start_s:g}-{end_s:g} s "
+                "(CMER-CL needs every sample of the segment)"
+            )
+        for j, dim in enumerate(VA):
+            lo, rng = maps[source][dim]
+            seq[k, :, j] = (raw[:, j] - lo) / rng
+        mine = np.flatnonzero(sid == s)
+        song_of_clip[mine[0]] = k
+        members.append(mine[inside[mine]])
+        if len(members[-1]) == 0:
+            raise ImemError(f"song {s}: no clip lies inside the segment {start_s:g}-{end_s:g} s")
+    return Songs(song_ids, seq, members, song_of_clip)
+
+
+def emotion_sequences(cfg: dict, data: MethodData) -> dict[str, Songs]:
     source, dyn = load_dynamic(cfg)
     maps = affine_maps([data.clips[s] for s in SPLITS])
-    return {s: va_sequences(data.clips[s], dyn, maps, source) for s in SPLITS}
+    start, end = float(cfg["segment_start_s"]), float(cfg["segment_end_s"])
+    return {s: song_segments(data.clips[s], dyn, maps, source, start, end) for s in SPLITS}
 
 
 # --- models --------------------------------------------------------------------------------------------
 
 
-def _gaussian(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mu, lv = raw.chunk(2, dim=-1)
-    return mu, LOGVAR_BOUND * torch.tanh(lv / LOGVAR_BOUND)
+def softplus_stack(d_in: int, layers: list[int], dropout: float = 0.0) -> nn.Sequential:
+    """FC layers of the given widths, each followed by softplus (§4.3.1), dropout after all but the last."""
+    mods: list[nn.Module] = []
+    for k, width in enumerate(layers):
+        mods += [nn.Linear(d_in, int(width)), nn.Softplus()]
+        if dropout > 0 and k < len(layers) - 1:
+            mods.append(nn.Dropout(dropout))
+        d_in = int(width)
+    return nn.Sequential(*mods)
+
+
+class Heads(nn.Module):
+    """The three FC heads of an encoder's f̂ (§3, §3.4): the CCA embedding FC(f̂) (linear), and the mean and
+    log-variance of the diagonal Gaussian."""
+
+    def __init__(self, d_f: int, cca_dim: int, d: int):
+        super().__init__()
+        self.cca, self.mu, self.logvar = nn.Linear(d_f, cca_dim), nn.Linear(d_f, d), nn.Linear(d_f, d)
+
+    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.cca(f), self.mu(f), LOGVAR_BOUND * torch.tanh(self.logvar(f) / LOGVAR_BOUND)
 
 
 class MusicEncoder(nn.Module):
-    """Frozen music features -> MLP -> (mean, log-variance) of a d-dim diagonal Gaussian."""
+    """Mean audio feature -> five softplus FC layers (dropout between) -> f̂ -> (FC(f̂), mu, log-variance)."""
 
-    def __init__(self, d_in: int, hidden: int, d: int, dropout: float):
+    def __init__(self, d_in: int, layers: list[int], dropout: float, cca_dim: int, d: int):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2 * d)
-        )
+        self.body = softplus_stack(d_in, layers, dropout)
+        self.heads = Heads(int(layers[-1]), cca_dim, d)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _gaussian(self.net(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.heads(self.body(x))
+
+
+def bigru_last(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, F) -> the forward direction's state at T and the backward one's at 1, concatenated (§3.1);
+    ``lengths``: the true lengths of a padded batch."""
+    if lengths is not None:
+        x = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    _, h = gru(x)  # h: (2, B, hidden)
+    return torch.cat([h[0], h[1]], dim=-1)
 
 
 class EmotionEncoder(nn.Module):
-    """(B, T, 2) VA sequence -> BiGRU -> last states of both directions -> (mean, log-variance)."""
+    """(B, T, 2) VA sequence -> BiGRU -> five softplus FC layers (dropout between) -> f̂ -> heads."""
 
-    def __init__(self, hidden: int, d: int):
+    def __init__(self, hidden: int, layers: list[int], dropout: float, cca_dim: int, d: int):
         super().__init__()
         self.gru = nn.GRU(2, hidden, batch_first=True, bidirectional=True)
-        self.out = nn.Linear(2 * hidden, 2 * d)
+        self.body = softplus_stack(2 * hidden, layers, dropout)
+        self.heads = Heads(int(layers[-1]), cca_dim, d)
 
-    def forward(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, h = self.gru(seq - 0.5)  # h: (2, B, hidden)
-        return _gaussian(self.out(torch.cat([h[0], h[1]], dim=-1)))
+    def forward(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.heads(self.body(bigru_last(self.gru, seq - 0.5)))
 
 
-class RegMLP(nn.Module):
-    """Frozen music features -> MLP -> (B, T, 2) VA sequence."""
+class Regressor(nn.Module):
+    """A baseline of §4.5: (B, F) -> softplus FC layers -> Linear(d_out), or, with ``gru_hidden``, a (B, T, F)
+    sequence -> BiGRU (last states) -> the same."""
 
-    def __init__(self, d_in: int, hidden: int, t: int, dropout: float):
+    def __init__(self, d_in: int, layers: list[int], d_out: int, gru_hidden: int = 0):
         super().__init__()
-        self.t = t
-        self.net = nn.Sequential(
-            nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 2 * t)
-        )
+        self.gru = nn.GRU(d_in, gru_hidden, batch_first=True, bidirectional=True) if gru_hidden else None
+        d = 2 * gru_hidden if gru_hidden else d_in
+        self.body = softplus_stack(d, layers)
+        self.out = nn.Linear(int(layers[-1]) if layers else d, d_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).view(-1, self.t, 2)
-
-
-class RegBiGRU(nn.Module):
-    """(B, frames, features) -> frames averaged in groups of ``frame_pool`` -> BiGRU -> outputs averaged over
-    T equal spans of frames -> (B, T, 2)."""
-
-    def __init__(self, n_feat: int, hidden: int, t: int, frame_pool: int = 1):
-        super().__init__()
-        self.frame_pool = int(frame_pool)
-        self.gru = nn.GRU(n_feat, hidden, batch_first=True, bidirectional=True)
-        self.pool = nn.AdaptiveAvgPool1d(t)
-        self.out = nn.Linear(2 * hidden, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frame_pool > 1:
-            x = nn.functional.avg_pool1d(x.transpose(1, 2), self.frame_pool, ceil_mode=True).transpose(1, 2)
-        h, _ = self.gru(x)
-        return self.out(self.pool(h.transpose(1, 2)).transpose(1, 2))
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gru is not None:
+            x = bigru_last(self.gru, x, lengths)
+        return self.out(self.body(x))
 
 
 # --- training ------------------------------------------------------------------------------------------
+
+LAYER_KEYS = (
+    "music_layers",
+    "emotion_layers",
+    "regmlp_m2e_layers",
+    "regmlp_e2m_layers",
+    "regbigru_m2e_layers",
+    "regbigru_e2m_layers",
+)
 
 
 def check_config(cfg: dict) -> dict:
@@ -473,21 +591,28 @@ def check_config(cfg: dict) -> dict:
     def bad(key: str, why: str) -> ImemError:
         return ImemError(f"params: methods.cmer_cl.{key} = {out[key]!r} {why}")
 
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     for key in (
         "epochs",
         "batch_size",
         "embed_dim",
-        "music_hidden",
+        "cca_dim",
         "gru_hidden",
         "baseline_epochs",
-        "baseline_hidden",
-        "baseline_gru_hidden",
-        "baseline_frame_pool",
+        "regbigru_m2e_hidden",
+        "regbigru_e2m_hidden",
         "cpu_threads",
     ):
         lo = {"batch_size": 2, "cpu_threads": 0}.get(key, 1)
-        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < lo:
+        if not integer(out[key]) or out[key] < lo:
             raise bad(key, f"must be an integer >= {lo}")
+    for key in LAYER_KEYS:
+        v = out[key]
+        empty_ok = key.startswith("reg")
+        if not isinstance(v, list) or not all(integer(w) and w >= 1 for w in v) or (not v and not empty_ok):
+            raise bad(key, f"must be a list of integers >= 1{' (may be empty)' if empty_ok else ''}")
 
     def number(key: str) -> bool:  # a finite int or float; not a bool (True is an int in Python)
         v = out[key]
@@ -499,11 +624,13 @@ def check_config(cfg: dict) -> dict:
     for key, lo, hi in (("lambda_cca", 0.0, 1.0), ("dropout", 0.0, 0.99)):
         if not number(key) or not lo <= out[key] <= hi:
             raise bad(key, f"must be a number in [{lo}, {hi}]")
-    for key in ("margin", "weight_decay"):
+    for key in ("margin", "weight_decay", "segment_start_s"):
         if not number(key) or out[key] < 0:
             raise bad(key, "must be a finite number >= 0")
-    if out["divergence"] not in ("kl", "symmetric"):
-        raise bad("divergence", "is not one of: kl, symmetric")
+    if not number("segment_end_s") or not out["segment_end_s"] > out["segment_start_s"]:
+        raise bad("segment_end_s", "must be a finite number > segment_start_s")
+    if out["hinge"] not in ("eq6", "triplet"):
+        raise bad("hinge", "is not one of: eq6, triplet")
     if str(out["music_format"]).lower() not in ("deam", "pmemo"):
         raise bad(
             "music_format",
@@ -587,50 +714,76 @@ def fit_evaluate(cfg: dict, data: MethodData, ctx: RunContext) -> MethodResult:
     cfg = check_config(cfg)
     device = _device(str(cfg["device"]))
     seed = int(cfg["seed"])
-    split = ctx.split
-    n = {s: len(data.clips[s]) for s in SPLITS}
-    for s in ("train", "val", split):
-        if n[s] < 2:
-            raise ImemError(f"CMER-CL: split {s!r} has {n[s]} clip(s); the losses and retrieval need >= 2")
-    seqs = {s: torch.from_numpy(v).to(device) for s, v in emotion_sequences(cfg, data).items()}
-    feats = [
+    songs = emotion_sequences(cfg, data)
+    for s in ("train", "val", ctx.split):
+        if len(songs[s].song_ids) < 2:
+            raise ImemError(
+                f"CMER-CL: split {s!r} has {len(songs[s].song_ids)} song(s); the losses and retrieval need >= 2"
+            )
+    clip_feats = [
         data.frozen(
             "music", cfg["music_encoder"], seed, s, device=str(cfg["device"]), progress=ctx.progress
         ).float()
         for s in SPLITS
     ]
-    feats = dict(zip(SPLITS, (x.to(device) for x in _standardise(*feats)), strict=True))
+    clip_feats = dict(zip(SPLITS, _standardise(*clip_feats), strict=True))
+    inputs = {}
+    for s in SPLITS:
+        # per song: its segment clips' features as a padded sequence (RegBiGRU-M2E) and their mean (§3.1)
+        seqs = [clip_feats[s][torch.as_tensor(m)] for m in songs[s].clips]
+        lengths = torch.tensor([len(m) for m in songs[s].clips])
+        inputs[s] = {
+            "mean": torch.stack([x.mean(0) for x in seqs]).to(device),
+            "clips": nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device),
+            "lengths": lengths,
+            "seq": torch.from_numpy(songs[s].seq).to(device),
+        }
     with torch_threads(int(cfg["cpu_threads"]) if device.type == "cpu" else 0):
-        return _train_evaluate(cfg, data, ctx, device, seqs, feats)
+        return _train_evaluate(cfg, ctx, device, songs, inputs)
+
+
+def _cmer_distances(music, emotion, proj, x: torch.Tensor, seq: torch.Tensor, lam: float):
+    """(m2e (music x emotion), e2m (emotion x music)) distances = minus the §3.4 similarity."""
+    w1, w2, m1, m2 = proj
+    e_m, mu_m, lv_m = music(x)
+    e_e, mu_e, lv_e = emotion(seq)
+    pear = pearson_matrix((e_m.double() - m1) @ w1, (e_e.double() - m2) @ w2)
+    mu_m, lv_m, mu_e, lv_e = (v.double() for v in (mu_m, lv_m, mu_e, lv_e))
+    s_m2e = retrieval_score(pear, pairwise_kl(mu_m, lv_m, mu_e, lv_e), lam)
+    s_e2m = retrieval_score(pear.T, pairwise_kl(mu_e, lv_e, mu_m, lv_m), lam)
+    return (-s_m2e).cpu().numpy(), (-s_e2m).cpu().numpy()
 
 
 def _train_evaluate(
-    cfg: dict, data: MethodData, ctx: RunContext, device: torch.device, seqs: dict, feats: dict
+    cfg: dict, ctx: RunContext, device: torch.device, songs: dict, inputs: dict
 ) -> MethodResult:
-    seed, split, t = int(cfg["seed"]), ctx.split, seqs["train"].shape[1]
-    n = {s: len(data.clips[s]) for s in SPLITS}
-    lam, margin, kind, eps = (
+    seed, split, t = int(cfg["seed"]), ctx.split, inputs["train"]["seq"].shape[1]
+    n = {s: len(songs[s].song_ids) for s in SPLITS}
+    lam, margin, hinge, eps = (
         float(cfg["lambda_cca"]),
         float(cfg["margin"]),
-        cfg["divergence"],
+        cfg["hinge"],
         float(cfg["cca_eps"]),
     )
+    d_feat = inputs["train"]["mean"].shape[1]
     history: dict[int, dict] = {}
 
-    # CMER-CL: music encoder + emotion encoder, composite loss
+    # CMER-CL: music encoder + emotion encoder, composite loss (eq. 1)
     torch.manual_seed(seed)
-    music = MusicEncoder(
-        feats["train"].shape[1], int(cfg["music_hidden"]), int(cfg["embed_dim"]), float(cfg["dropout"])
-    ).to(device)
-    emotion = EmotionEncoder(int(cfg["gru_hidden"]), int(cfg["embed_dim"])).to(device)
+    cca_dim, d, drop = int(cfg["cca_dim"]), int(cfg["embed_dim"]), float(cfg["dropout"])
+    music = MusicEncoder(d_feat, cfg["music_layers"], drop, cca_dim, d).to(device)
+    emotion = EmotionEncoder(int(cfg["gru_hidden"]), cfg["emotion_layers"], drop, cca_dim, d).to(device)
 
     def cmer_losses(x: torch.Tensor, seq: torch.Tensor) -> dict[str, torch.Tensor]:
-        mu_m, lv_m = music(x)
-        mu_e, lv_e = emotion(seq)
-        cca = cca_loss(mu_m, mu_e, eps)
-        rank = kl_rank_loss(pairwise_divergence(mu_m, lv_m, mu_e, lv_e, kind), margin)
+        e_m, mu_m, lv_m = music(x)
+        e_e, mu_e, lv_e = emotion(seq)
+        cca = cca_loss(e_m, e_e, eps)
+        rank = kl_rank_loss(
+            pairwise_kl(mu_m, lv_m, mu_e, lv_e), pairwise_kl(mu_e, lv_e, mu_m, lv_m), margin, hinge
+        )
         return {"total": composite_loss(cca, rank, lam), "cca": cca, "kl_rank": rank}
 
+    tr, va = inputs["train"], inputs["val"]
     best_epoch = _fit(
         LABEL,
         [music, emotion],
@@ -638,82 +791,104 @@ def _train_evaluate(
         cfg,
         int(cfg["epochs"]),
         float(cfg["lr"]),
-        lambda idx: cmer_losses(feats["train"][idx], seqs["train"][idx]),
-        lambda: cmer_losses(feats["val"], seqs["val"]),
+        lambda idx: cmer_losses(tr["mean"][idx], tr["seq"][idx]),
+        lambda: cmer_losses(va["mean"], va["seq"]),
         "total",
         torch.Generator().manual_seed(seed),
         ctx,
         history,
     )
     with torch.no_grad():
-        div = pairwise_divergence(*music(feats[split]), *emotion(seqs[split]), kind).double().cpu().numpy()
-    scored = {LABEL: Scored(div)}
+        proj = cca_projections(
+            music(tr["mean"])[0], emotion(tr["seq"])[0], eps
+        )  # eq. 3's W on the train split
+        dist = _cmer_distances(music, emotion, proj, inputs[split]["mean"], inputs[split]["seq"], lam)
+    scored = {LABEL: Scored(*dist)}
 
-    # baselines: RegMLP on the frozen features, RegBiGRU on the handcrafted frames (trained with MSE)
-    hand = [
-        data.store.handcrafted(data.clips[s]["row"].to_numpy(), tile=False).transpose(1, 2) for s in SPLITS
-    ]
-    hand = dict(zip(SPLITS, (x.to(device) for x in _standardise(*hand, dims=(0, 1))), strict=True))
-    baseline_epochs, states = {}, {}
-    for k, label in enumerate(BASELINES, start=1):
+    # baselines (§4.5): M2E regresses the song's mean VA, E2M its mean audio feature; MAE; ranked by AE
+    va_t = {s: torch.from_numpy(songs[s].va).to(device) for s in SPLITS}
+    specs = {  # key: (model, input of split s, target of split s)
+        "regmlp_m2e": (
+            Regressor(d_feat, cfg["regmlp_m2e_layers"], 2),
+            lambda s, i=slice(None): (inputs[s]["mean"][i],),
+            va_t,
+        ),
+        "regmlp_e2m": (
+            Regressor(2, cfg["regmlp_e2m_layers"], d_feat),
+            lambda s, i=slice(None): (inputs[s]["seq"][i].mean(1) - 0.5,),
+            {s: inputs[s]["mean"] for s in SPLITS},
+        ),
+        "regbigru_m2e": (
+            Regressor(d_feat, cfg["regbigru_m2e_layers"], 2, int(cfg["regbigru_m2e_hidden"])),
+            lambda s, i=slice(None): (inputs[s]["clips"][i], inputs[s]["lengths"][i]),
+            va_t,
+        ),
+        "regbigru_e2m": (
+            Regressor(2, cfg["regbigru_e2m_layers"], d_feat, int(cfg["regbigru_e2m_hidden"])),
+            lambda s, i=slice(None): (inputs[s]["seq"][i] - 0.5,),
+            {s: inputs[s]["mean"] for s in SPLITS},
+        ),
+    }
+    baseline_epochs, states, preds = {}, {}, {}
+    for k, (key, (model, x_of, y_of)) in enumerate(specs.items(), start=1):
         torch.manual_seed(seed + k)
-        if label == "RegMLP":
-            model, inputs = (
-                RegMLP(feats["train"].shape[1], int(cfg["baseline_hidden"]), t, float(cfg["dropout"])),
-                feats,
-            )
-        else:
-            model, inputs = (
-                RegBiGRU(
-                    hand["train"].shape[2],
-                    int(cfg["baseline_gru_hidden"]),
-                    t,
-                    int(cfg["baseline_frame_pool"]),
-                ),
-                hand,
-            )
-        model, key = model.to(device), label.lower()
+        model = model.to(device)
+        model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
 
-        def reg_loss(x: torch.Tensor, seq: torch.Tensor, model=model, key=key) -> dict[str, torch.Tensor]:
-            return {key: torch.mean((model(x) - seq) ** 2)}
+        def mae(
+            s: str, idx=slice(None), model=model, x_of=x_of, y_of=y_of, key=key
+        ) -> dict[str, torch.Tensor]:
+            return {key: torch.mean(torch.abs(model(*x_of(s, idx)) - y_of[s][idx]))}
 
-        baseline_epochs[label] = _fit(
-            label,
+        baseline_epochs[key] = _fit(
+            key,
             [model],
             n["train"],
             cfg,
             int(cfg["baseline_epochs"]),
             float(cfg["baseline_lr"]),
-            lambda idx, inputs=inputs, f=reg_loss: f(inputs["train"][idx], seqs["train"][idx]),
-            lambda inputs=inputs, f=reg_loss: f(inputs["val"], seqs["val"]),
+            lambda idx, f=mae: f("train", idx),
+            lambda f=mae: f("val"),
             key,
             torch.Generator().manual_seed(seed + k),
             ctx,
             history,
         )
         with torch.no_grad():
-            pred = model(inputs[split]).double().cpu()
-        scored[label] = Scored(
-            sequence_distances(pred, seqs[split]), pred.mean(1).numpy(), data.va("music", split)
-        )
+            preds[key] = model(*x_of(split)).double().cpu()
         states[key] = model.state_dict()
+    true_va, true_feat = va_t[split].double().cpu(), inputs[split]["mean"].double().cpu()
+    for label in BASELINES:
+        m2e, e2m = preds[f"{label.lower()}_m2e"], preds[f"{label.lower()}_e2m"]
+        scored[label] = Scored(
+            abs_error_distances(m2e, true_va),
+            abs_error_distances(e2m, true_feat),
+            m2e.numpy(),
+            true_va.numpy(),
+        )
     # one formula for the reported rows and the bootstrap resamples: the rows are the identity resample
-    rescore = make_rescore(scored)
-    rows = {**rescore(np.arange(n[split]), np.arange(0)), CHANCE_ROW: chance_columns(n[split])}
+    rescore = make_rescore(scored, songs[split].song_of_clip)
+    rows = {**score_rows(scored, np.arange(n[split])), CHANCE_ROW: chance_columns(n[split])}
 
     state = {
         "music_encoder": music.state_dict(),
         "emotion_encoder": emotion.state_dict(),
+        "cca_projections": {
+            k: v.cpu()
+            for k, v in zip(("w_music", "w_emotion", "mean_music", "mean_emotion"), proj, strict=True)
+        },
         **states,
         "seq_len": t,
         "settings": cfg,  # the checked settings, DEFAULTS included
     }
     notes = {
         "best_epoch": best_epoch,
-        **{f"best_epoch_{k.lower()}": v for k, v in baseline_epochs.items()},
+        **{f"best_epoch_{k}": v for k, v in baseline_epochs.items()},
         "N": n[split],
+        "units": "songs",
         "seq_len": t,
-        "divergence": kind,
+        "hinge": hinge,
+        **song_va_errors(scored),
     }
     return MethodResult(
         rows=rows, history=[history[e] for e in sorted(history)], state=state, notes=notes, rescore=rescore
