@@ -4,6 +4,7 @@ import argparse
 
 from imem.cli import run_stage
 from imem.evaluation import evaluate_variant
+from imem.features.frozen import default_memo
 from imem.params import section
 
 
@@ -13,7 +14,8 @@ def main() -> None:
     ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     args = ap.parse_args()
     evaluate_variant(f"models/{args.variant}", "artifacts/prepare", "artifacts/features", "reports/prepare/stats.json",
-                     f"reports/evaluate/{args.variant}", section("evaluate"), track=not args.no_track)
+                     f"reports/evaluate/{args.variant}", section("evaluate"), track=not args.no_track,
+                     cache_memo=default_memo())
 
 
 if __name__ == "__main__":
