@@ -281,3 +281,29 @@ def test_training_seeds_share_the_backbone_and_evaluate_reports_their_mean_std_a
         for short, m in (("m2i", retrieval(s[ci], ev.truth[ci], 0.7)), ("i2m", retrieval(s.T[ii], ev.truth.T[ii], 0.7))):
             for name in ("ndcg10", "spearman", "r1", "r10", "mrr"):
                 assert got[f"{short}_{sc}_{name}"] == pytest.approx(m[name], abs=1e-12), (short, sc, name)
+
+
+def test_evaluate_reads_the_train_stages_backbone_memo_instead_of_rerunning_the_backbone(run, tmp_path, monkeypatch):
+    """stages/evaluate.py passes the on-disk memo the train stage wrote (every split's rows under one key): the
+    evaluation must hit it, never run the frozen backbone, and score exactly as a fresh backbone pass does."""
+    import imem.training as training
+    from imem.evaluation import load_checkpoints
+    from imem.features.frozen import BackboneMemo
+    from imem.training import Trainer
+
+    memo = BackboneMemo(tmp_path / "memo")
+    cfg = dict(load_checkpoints(run / "models" / "cnn")["best"]["config"], device="cpu")
+    Trainer(cfg, run / "prepare", run / "features", progress=False).build_cache(memo=memo)  # what train stores
+    assert memo.misses == 2 and len(list((tmp_path / "memo").glob("*.pt"))) == 2  # image and music entries
+
+    def no_backbone(*a, **k):
+        raise AssertionError("the backbone ran although the memo holds its outputs")
+
+    monkeypatch.setattr(training, "backbone_cache", no_backbone)
+    m = evaluate_variant(run / "models" / "cnn", run / "prepare", run / "features", run / "rep" / "stats.json",
+                         tmp_path / "e", section("evaluate"), track=False, progress=False, cache_memo=memo)
+    assert memo.hits == 2
+    fresh = _metrics(run)
+    for key in ("sim_mse", "image_valence_mse", "music_arousal_mae"):
+        got, want = m["best"][key], fresh["best"][key]
+        assert got == pytest.approx(want, abs=1e-6), key
