@@ -463,7 +463,11 @@ def test_short_training_run_rows_history_and_determinism():
     assert hand["regmlp_song_valence_mse"] == pytest.approx((0.2**2 + 0) / 2)
     assert hand["regmlp_song_arousal_mae"] == pytest.approx((0 + 0.4) / 2)
     assert res.notes["N"] == 10 and res.notes["units"] == "songs" and res.notes["seq_len"] == 12
-    assert {"train/total", "val/kl_rank", "train/regmlp_m2e", "val/regbigru_e2m"} <= set(res.history[0])
+    assert {"train/total", "val/kl_rank", "val/rank", "train/regmlp_m2e", "val/regbigru_e2m"} <= set(res.history[0])
+    # CMER-CL's weights are those of the epoch with the lowest val retrieval rank (a fraction of the val songs)
+    val_rank = [h["val/rank"] for h in res.history]
+    assert res.notes["best_epoch"] == 1 + int(np.argmin(val_rank))
+    assert all(0 < r <= 1 for r in val_rank) and len(set(val_rank)) > 1
     # the rows are the identity resample of the bootstrap's rescore (clips -> songs)
     assert res.rescore(np.arange(30), np.arange(0)) == {k: v for k, v in res.rows.items() if k != CHANCE_ROW}
     again, _ = _train()
