@@ -389,7 +389,7 @@ def test_rescore_gives_nan_where_a_resample_leaves_a_metric_undefined():
 
 
 def test_rescore_time_on_a_test_split_sized_draw():
-    """793 clips x 810 images, the embedded corpus's test split: one resample well under a second (generous
+    """793 clips x 810 images (the embedded corpus's test split of issue 14; now 1,513 x 1,800): one resample well under a second (generous
     bound here: the machine may be busy), so 1,000 resamples per seed stay affordable."""
     import time
 
