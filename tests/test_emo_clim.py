@@ -456,7 +456,7 @@ def test_training_run_writes_valid_outputs_and_learns(runs):
     assert m["skipped_i2m_queries"] == int((~image_cls.isin(set(clip_cls))).sum())
     assert m["skipped_m2i_queries"] == int((~clip_cls.isin(set(image_cls))).sum())
     state = torch.load(model_dir / "model.pt", weights_only=False)
-    assert state["image_head"]["net.3.weight"].shape == (128, 256)
+    assert state["image_head"]["net.4.weight"].shape == (128, 256)
     # bootstrap intervals for the model's row (not the chance row), every column, from the rescore closure
     from imem import bootstrap
 

@@ -291,10 +291,11 @@ def test_top5_true_similarity_beats_random_on_the_embedded_corpus(tmp_path, caps
     music: every test image queries the clips. The true S (CDCML eq. 1 on the labels) of each query's top 5
     is compared with a random top 5, whose expectation is the query's mean S over the whole collection.
 
-    Measured (models/cnn, 793 clips of 61 songs, 810 images; docs/retrieval.md), margin (s.e. over queries):
-    music -> images, ranked by distance +0.173 (0.004), by predicted S +0.110 (0.003); image -> music, by
-    distance +0.144 (0.004), by predicted S +0.135 (0.003). The asserted floors (0.08, 0.05, 0.035, 0) sit
-    18 to 45 standard errors below the measured margins; a ranking that ignores the model has margin ~0."""
+    Measured (models/cnn, 1,513 clips of 114 songs, 1,800 images; docs/retrieval.md), margin (s.e. over
+    queries): music -> images, ranked by distance +0.179 (0.0025), by predicted S +0.143 (0.0022); image ->
+    music, by distance +0.171 (0.0024), by predicted S +0.168 (0.0028). The asserted floors (0.08, 0.05,
+    0.035, 0) sit 37 to 60 standard errors below the measured margins; a ranking that ignores the model has
+    margin ~0."""
     import soundfile as sf
 
     from imem.data.pairs import similarity
