@@ -1,6 +1,7 @@
 """Evaluation metrics: regression errors and ranking quality, per query, in NumPy.
 
-Regression: MSE and MAE (scikit-learn). Retrieval: for each query (a clip, or an image) every candidate
+Regression: MSE and MAE (NumPy weighted means: scikit-learn's input validation costs ~1 ms a call, and the
+bootstrap calls them 20,000 times per evaluate stage -- 56 s of cnn's 200 s, measured). Retrieval: for each query (a clip, or an image) every candidate
 of the other modality is ranked by a model score (higher = better match) and scored against the
 ground-truth similarity S of the pair:
 
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import mean_absolute_error, mean_squared_error
 
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -33,8 +33,10 @@ def regression(pred: np.ndarray, true: np.ndarray, sample_weight: np.ndarray | N
     pred, true = np.asarray(pred, np.float64).ravel(), np.asarray(true, np.float64).ravel()
     if pred.shape != true.shape or pred.size == 0:
         raise ValueError(f"regression: prediction {pred.shape} and target {true.shape} must be equal and non-empty")
-    return {"mse": float(mean_squared_error(true, pred, sample_weight=sample_weight)),
-            "mae": float(mean_absolute_error(true, pred, sample_weight=sample_weight))}
+    err = pred - true
+    w = None if sample_weight is None else np.asarray(sample_weight, np.float64).ravel()
+    # the definitions of sklearn.metrics.mean_squared_error / mean_absolute_error with sample_weight
+    return {"mse": float(np.average(err * err, weights=w)), "mae": float(np.average(np.abs(err), weights=w))}
 
 
 def _check(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,18 @@ def test_regression_mse_and_mae_by_hand():
     assert r["mae"] == pytest.approx((0.1 + 0 + 0.4) / 3)
 
 
+def test_weighted_regression_equals_scikit_learns_definition():
+    # the bootstrap's resample counts as sample weights (0 = not drawn, 2 = drawn twice)
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    rng = np.random.default_rng(0)
+    p, t, w = rng.random(50), rng.random(50), rng.integers(0, 3, 50)
+    r = regression(p, t, w)
+    assert r["mse"] == pytest.approx(mean_squared_error(t, p, sample_weight=w), rel=1e-12)
+    assert r["mae"] == pytest.approx(mean_absolute_error(t, p, sample_weight=w), rel=1e-12)
+    assert r["mse"] != pytest.approx(regression(p, t)["mse"], rel=1e-3)  # the weights matter
+
+
 def test_regression_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="must be equal"):
         regression(np.zeros(3), np.zeros(4))

@@ -579,16 +579,19 @@ def test_parse_overrides_reads_yaml_values_and_names_a_bad_item():
 
 
 def test_the_full_similarity_matrix_equals_the_predictor_on_every_pair():
-    """_predict_matrix splits the similarity predictor's first Linear per modality; every combination must
-    equal the predictor applied to the concatenated [image, music, caption] embedding of that pair."""
+    """_predict_matrix and _predict_pairs split the similarity predictor's first Linear per modality; every
+    combination must equal the predictor applied to the concatenated [image, music, caption] embedding."""
     torch.manual_seed(3)
     net = mmva.MMVANet({"image": 6, "music": 5, "text": 4}, 16, [32, 32], 0.5).eval()
     emb = {"image": torch.randn(7, 16), "music": torch.randn(5, 16), "text": torch.randn(5, 16)}
     ci, ii = torch.arange(5).repeat_interleave(7), torch.arange(7).repeat(5)
     with torch.no_grad():
-        pairs = mmva._predict_pairs(net, emb, ci, ii).view(5, 7).double().numpy()
+        concat = net.predict_sim(emb["image"][ii], emb["music"][ci], emb["text"][ci]).view(5, 7).double().numpy()
+        for chunk in (3, 65536):  # partial chunks, everything at once
+            pairs = mmva._predict_pairs(net, emb, ci, ii, chunk=chunk).view(5, 7).double().numpy()
+            np.testing.assert_allclose(pairs, concat, atol=1e-6)
     for chunk in (7, 10, 65536):  # one clip per chunk, a partial last chunk, everything at once
         got = mmva._predict_matrix(net, emb, chunk=chunk)
         assert got.shape == (5, 7)
-        np.testing.assert_allclose(got, pairs, atol=1e-6)
-    assert pairs.std() > 1e-3  # the predictor is not constant, so the comparison can fail
+        np.testing.assert_allclose(got, concat, atol=1e-6)
+    assert concat.std() > 1e-3  # the predictor is not constant, so the comparison can fail

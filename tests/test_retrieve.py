@@ -307,6 +307,11 @@ def test_top5_true_similarity_beats_random_on_the_embedded_corpus(tmp_path, caps
     sigma = json.loads((ROOT / "reports" / "prepare" / "stats.json").read_text())["sigma"]
     clips = pd.read_csv(prep / "clips.csv", dtype={"clip_id": str, "song_id": str})
     images = pd.read_csv(prep / "images.csv", dtype={"image_id": str})
+    # every third test song's clips and every sixth test image: ResNet50 over all 1,800 test image files took
+    # 4.5 of this test's 4.6 min (CI's time limit); the margins' standard errors grow by about 2x
+    songs = sorted(clips["song_id"].unique())[::3]
+    clips = clips[clips["song_id"].isin(songs)].reset_index(drop=True)
+    images = images.iloc[::6].reset_index(drop=True)
     (tmp_path / "clips").mkdir()
     clip_files = []
     for path, g in clips.groupby("audio_path", sort=False):

@@ -80,7 +80,7 @@ def test_unimodal_fine_tuning_trains_the_entire_model(pipeline, tmp_path):
 
 
 def test_resume_ends_with_the_same_weights_and_metrics(pipeline, tmp_path):
-    cfg = _cfg("cnn", epochs=3, fc_only=False)  # full fine-tuning: backbone weights and BN stats change too
+    cfg = _cfg("cnn", epochs=2, fc_only=False)  # full fine-tuning: backbone weights and BN stats change too
     full = train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "a", tmp_path / "ra",
                          track=False, progress=False)
     part = train_variant(cfg, pipeline / "prepare", pipeline / "features", tmp_path / "b", tmp_path / "rb",

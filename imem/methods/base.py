@@ -97,6 +97,9 @@ class MethodData:
     # backbones stand in for pretrained weights, the same for every training seed)
     backbone_seed: int | None = None
     _frozen: dict = field(default_factory=dict)
+    # what a method derives from the data alone, once per run and shared by its training seeds (e.g. MMVA's
+    # frozen caption embeddings): key -> value, owned by the method that writes it
+    derived: dict = field(default_factory=dict)
 
     def va(self, side: str, split: str) -> np.ndarray:
         t = self.clips if side == "music" else self.images
