@@ -34,6 +34,23 @@ def test_pairwise_distance_squared_and_plain():
     assert pairwise_distance(a, b, squared=False)[0, 0].item() == pytest.approx(math.sqrt(25 + 1e-4 / 2))
 
 
+def test_pairwise_distance_matches_elementwise_and_identical_rows_stay_near_zero():
+    # the float64 expansion against the element-wise definition, at the embeddings' scale (norms ~ 20)
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 512), torch.randn(48, 512)
+    b[7] = a[3]  # the same item in two pairs of a batch
+    want = ((a.double()[:, None, :] - b.double()[None]) ** 2).sum(-1)
+    got = pairwise_distance(a, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert 0.0 <= float(got[3, 7]) < LOG_EPS * 1e-3  # 0 on both sides of a log-ratio
+    # and its gradient is the element-wise one's: 2 (a_i - b_j) summed over j
+    a.requires_grad_(True)
+    pairwise_distance(a, b).sum().backward()
+    torch.testing.assert_close(a.grad.double(), 2 * (a.detach().double()[:, None] - b.double()[None]).sum(1),
+                               rtol=1e-5, atol=1e-3)
+
+
 def test_single_modal_log_ratio_by_hand():
     # 1-D embeddings f = 0, 1, 3 and labels y = 0, 2, 4; squared distances.
     f = torch.tensor([[0.0], [1.0], [3.0]])
