@@ -236,3 +236,25 @@ def test_agreement_with_librosa_on_the_embedded_corpus(tmp_path):
         r = np.corrcoef(a, b)[0, 1]
         print(f"{group}: r = {r:.6f}, max |dev| = {np.abs(a - b).max():.4g}")
         assert r >= 0.99, group
+
+
+def test_arrays_are_reserved_on_disk_and_a_full_disk_is_one_clear_error(tmp_path, monkeypatch):
+    """A sparse memmap written on a full disk dies with SIGBUS (CI saw it); the store reserves each array's
+    bytes first, so a full disk is an ImemError naming the file, the size and the free space."""
+    import errno
+    import os
+
+    from imem.features import store
+
+    arr = store._open_array(tmp_path / "a.npy", np.int16, (64, 1024))
+    assert arr.shape == (64, 1024) and not arr.any()
+    st = os.stat(tmp_path / "a.npy")
+    assert st.st_blocks * 512 >= st.st_size  # allocated, not sparse
+    del arr
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "posix_fallocate", full)
+    with pytest.raises(ImemError, match=r"cannot reserve 1 MiB for b\.npy under .* MiB free\): No space left"):
+        store._open_array(tmp_path / "b.npy", np.uint8, (1024, 1024))

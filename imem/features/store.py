@@ -21,7 +21,10 @@ Clips of a song are stored in k order, so a longer input (MMVA's up to 10-s clip
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -130,6 +133,24 @@ def _tables(prepare_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return c, i
 
 
+def _open_array(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy memmap whose whole size is reserved on disk first: writing into a sparse memmap on a full
+    disk kills the process with SIGBUS (no Python error), so a full disk fails here with the file and size."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: sparse as before
+            return arr
+        del arr
+        free = shutil.disk_usage(path.parent).free
+        raise ImemError(f"features: cannot reserve {size / 2**20:,.0f} MiB for {path.name} under {path.parent} "
+                        f"({free / 2**20:,.0f} MiB free): {exc.strerror}") from exc
+    return arr
+
+
 def build_store(prepare_dir: str | Path, out_dir: str | Path, params: dict, progress: bool = True) -> dict:
     """Extract every clip's and image's inputs into ``out_dir`` (atomically). Returns the manifest."""
     from imem.features.handcrafted import (
@@ -165,14 +186,12 @@ def build_store(prepare_dir: str | Path, out_dir: str | Path, params: dict, prog
             extractor = HandcraftedExtractor(sr=SAMPLE_RATE, device=_device(params["device"]),
                                              batch_size=int(params["batch_size"]))
             frames = n_frames(int(round(clip_s * SAMPLE_RATE)))
-            arrays["handcrafted"] = np.lib.format.open_memmap(tmp / "handcrafted.npy", mode="w+",
-                                                              dtype=np.float16, shape=(n, N_FEATURES, frames))
+            arrays["handcrafted"] = _open_array(tmp / "handcrafted.npy", np.float16, (n, N_FEATURES, frames))
             manifest["arrays"]["handcrafted"] = {"dtype": "float16", "shape": [n, N_FEATURES, frames],
                                                  "sample_rate": SAMPLE_RATE,
                                                  "row_groups": {k: [v.start, v.stop] for k, v in ROW_GROUPS.items()}}
         for r in rates:
-            arrays[r] = np.lib.format.open_memmap(tmp / f"waveform_{r}.npy", mode="w+", dtype=np.int16,
-                                                  shape=(n, int(round(clip_s * r))))
+            arrays[r] = _open_array(tmp / f"waveform_{r}.npy", np.int16, (n, int(round(clip_s * r))))
             manifest["arrays"][f"waveform_{r}"] = {"dtype": "int16", "shape": [n, int(round(clip_s * r))],
                                                    "sample_rate": r, "scale": "x / 32768"}
 
@@ -216,8 +235,7 @@ def build_store(prepare_dir: str | Path, out_dir: str | Path, params: dict, prog
             flush()
         bar.close()
 
-        img = np.lib.format.open_memmap(tmp / f"images_{size}.npy", mode="w+", dtype=np.uint8,
-                                        shape=(len(images), size, size, 3))
+        img = _open_array(tmp / f"images_{size}.npy", np.uint8, (len(images), size, size, 3))
         manifest["arrays"][f"images_{size}"] = {"dtype": "uint8", "shape": [len(images), size, size, 3],
                                                 "layout": "HWC RGB", "normalise_with": {"mean": IMAGENET_MEAN,
                                                                                         "std": IMAGENET_STD}}
