@@ -5,7 +5,7 @@ Each line times imem's form and the baseline in the same run, on the default cor
 * all-pairs similarity: CDCML's similarity decoder (imem.models.decoders.MLPDecoder, [f_I, f_M] 1,024 ->
   256 -> 128 -> 1, eval mode) on every one of 1,513 clips x 1,800 images. Baseline: the decoder on the
   concatenated embeddings in batches of 4,096 combinations (the evaluate stage before); imem: the first Linear
-  split per modality (imem.evaluation.Evaluator._sim_matrix's form). Also checks they agree.
+  split per modality (imem.models.decoders.all_combinations, as imem.evaluation.Evaluator._sim_matrix runs it). Also checks they agree.
 * bootstrap regression errors: MSE + MAE of 7,565 pair predictions on 1,000 weighted resamples. Baseline:
   scikit-learn's mean_squared_error / mean_absolute_error with sample_weight; imem: imem.metrics.regression.
 * frozen ResNet50 over 224-px images (imem.training.backbone_cache): default memory layout against
@@ -32,7 +32,7 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 
 
 def bench_sim_matrix(n_c: int = 1513, n_i: int = 1800, d: int = 512, batch: int = 4096) -> None:
-    from imem.models.decoders import MLPDecoder
+    from imem.models.decoders import MLPDecoder, all_combinations, first_linear_blocks
 
     torch.manual_seed(0)
     dec = MLPDecoder(2 * d, 1, (256, 128), 0.5).eval()
@@ -47,14 +47,9 @@ def bench_sim_matrix(n_c: int = 1513, n_i: int = 1800, d: int = 512, batch: int 
         return torch.cat(flat).reshape(n_c, n_i)
 
     @torch.no_grad()
-    def split():
-        first, rest = dec[0], torch.nn.Sequential(*list(dec)[1:])
-        pi, pm = fi @ first.weight[:, :d].T, fm @ first.weight[:, d:].T + first.bias
-        rows, out = max(1, batch // n_i), torch.empty(n_c, n_i)
-        for s in range(0, n_c, rows):
-            h = pm[s:s + rows, None, :] + pi[None, :, :]
-            out[s:s + len(h)] = rest(h.reshape(-1, h.shape[-1])).view(len(h), n_i)
-        return out
+    def split():  # what imem.evaluation.Evaluator._sim_matrix runs
+        (pi, pm), rest = first_linear_blocks(dec, fi, fm)
+        return torch.from_numpy(all_combinations(rest, pm + dec[0].bias, pi, batch))
 
     t_base, a = timed(concat)
     t_imem, b = timed(split)
