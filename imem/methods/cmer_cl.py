@@ -73,7 +73,7 @@ DEFAULTS = {
     "music_layers": [256, 512, 512, 1024, 1024],  # softplus FC layers of the music MLP (§4.3.1)
     "emotion_layers": [512, 512, 512, 1024, 1024],  # softplus FC layers after the emotion BiGRU (§4.3.1)
     "gru_hidden": 64,  # emotion BiGRU units per direction (paper 512, §4.3.1: 3.5x slower per epoch here)
-    "dropout": 0.5,
+    "dropout": 0.0,  # paper 0.5 (§4.3.1): on ~115 train songs the dropout noise is all the CCA fits (see the docs)
     "lambda_cca": 0.8,  # lambda of eq. 1 and of the retrieval score (§4.4.2, DEAM)
     "margin": 1.0,  # alpha of eq. 6 (§4.4.2, DEAM)
     "hinge": "eq6",  # eq6: [D_pos - alpha - D_neg]_+ as eq. 6 prints it | triplet: [alpha + D_pos - D_neg]_+
@@ -502,6 +502,34 @@ def softplus_stack(d_in: int, layers: list[int], dropout: float = 0.0) -> nn.Seq
     return nn.Sequential(*mods)
 
 
+def variance_preserving_(stack: nn.Sequential) -> nn.Sequential:
+    """He (Kaiming) normal weights, zero biases for every Linear of a softplus stack, in place. torch's default
+    Linear init (variance 1/(3 fan_in)) shrinks the between-sample spread ~3.5x per softplus layer while the
+    softplus offset stays, so after the encoders' five layers the songs differ by 2e-3 (std) around 0.7 and,
+    in eval mode, every song gets nearly the same f̂ (measured; Glorot, TF 1.15's default that the paper's code
+    had, leaves 3e-2); He init keeps ~0.3 (a deviation of ours, docs/methods/cmer_cl.md)."""
+    for m in stack:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return stack
+
+
+def tf_gru_init_(gru: nn.GRU) -> nn.GRU:
+    """TensorFlow 1.15's GRU defaults (the paper's library, §4.3.2) in place of torch's uniform +-1/sqrt(h):
+    Glorot-uniform input kernels, orthogonal recurrent kernels (per gate), zero biases."""
+    for name, p in gru.named_parameters():
+        with torch.no_grad():
+            for w in p.chunk(3, 0):  # torch stacks the reset, update and new gates
+                if name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(w)
+                elif name.startswith("weight_hh"):
+                    nn.init.orthogonal_(w)
+                else:
+                    nn.init.zeros_(w)
+    return gru
+
+
 class Heads(nn.Module):
     """The three FC heads of an encoder's f̂ (§3, §3.4): the CCA embedding FC(f̂) (linear), and the mean and
     log-variance of the diagonal Gaussian."""
@@ -519,7 +547,7 @@ class MusicEncoder(nn.Module):
 
     def __init__(self, d_in: int, layers: list[int], dropout: float, cca_dim: int, d: int):
         super().__init__()
-        self.body = softplus_stack(d_in, layers, dropout)
+        self.body = variance_preserving_(softplus_stack(d_in, layers, dropout))
         self.heads = Heads(int(layers[-1]), cca_dim, d)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -536,16 +564,17 @@ def bigru_last(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor | None = None
 
 
 class EmotionEncoder(nn.Module):
-    """(B, T, 2) VA sequence -> BiGRU -> five softplus FC layers (dropout between) -> f̂ -> heads."""
+    """(B, T, 2) VA sequence (z-scored on the train songs) -> BiGRU -> five softplus FC layers (dropout between)
+    -> f̂ -> heads."""
 
     def __init__(self, hidden: int, layers: list[int], dropout: float, cca_dim: int, d: int):
         super().__init__()
-        self.gru = nn.GRU(2, hidden, batch_first=True, bidirectional=True)
-        self.body = softplus_stack(2 * hidden, layers, dropout)
+        self.gru = tf_gru_init_(nn.GRU(2, hidden, batch_first=True, bidirectional=True))
+        self.body = variance_preserving_(softplus_stack(2 * hidden, layers, dropout))
         self.heads = Heads(int(layers[-1]), cca_dim, d)
 
     def forward(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.heads(self.body(bigru_last(self.gru, seq - 0.5)))
+        return self.heads(self.body(bigru_last(self.gru, seq)))
 
 
 class Regressor(nn.Module):
@@ -729,6 +758,9 @@ def fit_evaluate(cfg: dict, data: MethodData, ctx: RunContext) -> MethodResult:
         for s in SPLITS
     ]
     clip_feats = dict(zip(SPLITS, _standardise(*clip_feats), strict=True))
+    # the VA sequences z-scored per dimension on the train songs (over songs and time): in [0, 1] they vary
+    # between songs by ~0.1, which the BiGRU barely passes on (the emotion f̂ then differed by 1e-4, measured)
+    seq_mean, seq_std = feature_scale(torch.from_numpy(songs["train"].seq), dims=(0, 1), keepdim=True)
     inputs = {}
     for s in SPLITS:
         # per song: its segment clips' features as a padded sequence (RegBiGRU-M2E) and their mean (§3.1)
@@ -738,10 +770,12 @@ def fit_evaluate(cfg: dict, data: MethodData, ctx: RunContext) -> MethodResult:
             "mean": torch.stack([x.mean(0) for x in seqs]).to(device),
             "clips": nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device),
             "lengths": lengths,
-            "seq": torch.from_numpy(songs[s].seq).to(device),
+            "seq": ((torch.from_numpy(songs[s].seq) - seq_mean) / seq_std).to(device),
         }
     with torch_threads(int(cfg["cpu_threads"]) if device.type == "cpu" else 0):
-        return _train_evaluate(cfg, ctx, device, songs, inputs)
+        result = _train_evaluate(cfg, ctx, device, songs, inputs)
+    result.state["seq_scale"] = {"mean": seq_mean.flatten(), "std": seq_std.flatten()}  # for model.pt's users
+    return result
 
 
 def _cmer_distances(music, emotion, proj, x: torch.Tensor, seq: torch.Tensor, lam: float):
@@ -829,7 +863,7 @@ def _train_evaluate(
         ),
         "regmlp_e2m": (
             Regressor(2, cfg["regmlp_e2m_layers"], d_feat),
-            lambda s, i=slice(None): (inputs[s]["seq"][i].mean(1) - 0.5,),
+            lambda s, i=slice(None): (inputs[s]["seq"][i].mean(1),),
             {s: inputs[s]["mean"] for s in SPLITS},
         ),
         "regbigru_m2e": (
@@ -839,7 +873,7 @@ def _train_evaluate(
         ),
         "regbigru_e2m": (
             Regressor(2, cfg["regbigru_e2m_layers"], d_feat, int(cfg["regbigru_e2m_hidden"])),
-            lambda s, i=slice(None): (inputs[s]["seq"][i] - 0.5,),
+            lambda s, i=slice(None): (inputs[s]["seq"][i],),
             {s: inputs[s]["mean"] for s in SPLITS},
         ),
     }
