@@ -202,8 +202,11 @@ def check(root: str | os.PathLike = ".", rev: str = "HEAD", tolerance: str | os.
     moved = sum(1 for m in diff.values() for v in m.values() if v.get("old") != v.get("new"))
     print(f"metrics: {n} checked against {rev}, {moved} moved, {len(bad)} outside the tolerance "
           f"({TOLERANCE_FILE})", file=out)
+    print("per rule (what moved, and the largest share of its tolerance used):", file=out)
+    for line in deviation_lines(diff, rules) or ["(nothing moved)"]:
+        print("  " + line, file=out)
     for f in bad:
-        print("  " + f.line(), file=out)
+        print("  OUTSIDE: " + f.line(), file=out)
     return ok and not bad
 
 
@@ -322,22 +325,49 @@ def _compare_features(a: Path, b: Path, out) -> None:
 
 
 def summarize_deviation(diff: dict, rules: list[Rule]) -> list[dict]:
-    """Per rule: the metrics it covers, how many moved, the largest |diff| and the largest |diff| / |old|."""
-    rows = {r.match: {"rule": r.match, "metrics": 0, "moved": 0, "max_abs": 0.0, "max_rel": 0.0, "worst": ""}
-            for r in rules}
-    rows["(no rule: exact)"] = {"rule": "(no rule: exact)", "metrics": 0, "moved": 0, "max_abs": 0.0, "max_rel": 0.0,
-                                "worst": ""}
+    """Per rule: the metrics it covers, how many moved, the largest |diff|, the largest |diff| / |old| and the
+    largest share of the allowed deviation used (``used``: |diff| / (abs + rel * |old|); above 1 breaks the rule)."""
+    def row(r: Rule) -> dict:
+        return {"rule": r.match, "metrics": 0, "moved": 0, "max_abs": 0.0, "max_rel": 0.0, "used": 0.0, "worst": ""}
+
+    rows = {r.match: row(r) for r in rules}
+    rows["(no rule: exact)"] = row(Rule("(no rule: exact)", exact=True))
     for path, metrics in diff.items():
         for key, v in metrics.items():
             old, new = v.get("old"), v.get("new")
-            r = rows[rule_for(f"{path}:{key}", rules).match]
+            rule = rule_for(f"{path}:{key}", rules)
+            r = rows[rule.match]
             r["metrics"] += 1
             if not (_number(old) and _number(new)) or old == new:
                 continue
             d = abs(float(new) - float(old))
             r["moved"] += 1
             if d > r["max_abs"]:
-                r["max_abs"], r["worst"] = d, f"{path}:{key} {old} -> {new}"
+                r["max_abs"] = d
             if float(old) != 0:
                 r["max_rel"] = max(r["max_rel"], d / abs(float(old)))
+            if not rule.skip:
+                lim = rule.limit(float(old))
+                used = d / lim if lim > 0 else math.inf
+                if used > r["used"] or not r["worst"]:
+                    r["used"], r["worst"] = used, f"{path}:{key} {old} -> {new}"
+            elif d >= r["max_abs"]:
+                r["worst"] = f"{path}:{key} {old} -> {new}"
     return [r for r in rows.values() if r["metrics"]]
+
+
+def deviation_lines(diff: dict, rules: list[Rule]) -> list[str]:
+    """The per-rule summary as text, one line per rule under which a metric moved: what a run on another CPU
+    measured (CI prints it, so every CI run is a measurement of the tolerances' headroom)."""
+    by_rule = {r.match: r for r in rules}
+    lines = []
+    for r in summarize_deviation(diff, rules):
+        if not r["moved"]:
+            continue
+        rule = by_rule.get(r["rule"])
+        allowed = ("skipped" if rule is not None and rule.skip else "exact" if rule is None or rule.exact
+                   else f"{rule.abs:.3g}" + (f" + {rule.rel:.3g}*|old|" if rule.rel else ""))
+        used = "" if rule is not None and rule.skip else f", {100 * r['used']:.0f} % of allowed"
+        lines.append(f"{r['rule']!r}: {r['moved']}/{r['metrics']} moved, largest |diff| {r['max_abs']:.4g} "
+                     f"(allowed {allowed}{used}; worst {r['worst']})")
+    return lines

@@ -12,6 +12,7 @@ from imem.reproducibility import (
     EXACT_STAGES,
     Rule,
     check_metrics,
+    deviation_lines,
     diff_dirs,
     flatten,
     load_rules,
@@ -94,6 +95,13 @@ def test_lock_entries_flatten_and_diff_dirs(tmp_path):
     by = {r["rule"]: r for r in rows}
     assert by["*_mse"]["moved"] == 1 and by["*_mse"]["max_abs"] == pytest.approx(0.02)
     assert by["*_mse"]["max_rel"] == pytest.approx(0.04) and by["*"]["moved"] == 0
+    assert by["*_mse"]["used"] == pytest.approx(0.2) and by["*_mse"]["worst"] == "r/m.json:best.sim_mse 0.5 -> 0.52"
+    # the text CI prints: one line per rule under which something moved, with the share of the tolerance used
+    lines = deviation_lines(diff, [Rule("*_mse", abs=0.1), Rule("*", exact=True)])
+    assert lines == ["'*_mse': 1/1 moved, largest |diff| 0.02 (allowed 0.1, 20 % of allowed; "
+                     "worst r/m.json:best.sim_mse 0.5 -> 0.52)"]
+    over = deviation_lines(diff, [Rule("*_mse", abs=0.01, rel=0.01), Rule("*", exact=True)])
+    assert "(allowed 0.01 + 0.01*|old|, 133 % of allowed;" in over[0]
 
 
 def test_the_committed_tolerance_file_covers_every_committed_metric():
@@ -110,3 +118,39 @@ def test_the_committed_tolerance_file_covers_every_committed_metric():
                 if rule_for(f"{f}:{key}", rules).match == "(no rule: exact)":
                     uncovered.append(f"{f}:{key}")
     assert not uncovered, uncovered[:5]
+
+
+def test_check_prints_the_headroom_per_rule_and_fails_on_a_violation(tmp_path, monkeypatch):
+    """`imem repro check` (what CI runs): data stages compared with git, then every metric against its rule; it
+    prints per rule what moved and the share of the tolerance used, and each violation."""
+    import io
+
+    from imem import reproducibility as rp
+
+    lock = "schema: '2.0'\nstages:\n  prepare:\n    cmd: a\n  features:\n    cmd: b\n    outs: [x]\n"
+    (tmp_path / "dvc.lock").write_text(lock)
+    (tmp_path / "tol.yaml").write_text(RULES)
+    metrics = {"reports/evaluate/cnn/metrics.json": {"best.sim_mse": {"old": 0.04, "new": 0.0405},
+                                                    "best.i2m_r5": {"old": 0.62, "new": 0.66},
+                                                    "best_epoch": {"old": 6, "new": 14}}}
+
+    def fake_run(cmd, cwd):
+        if cmd[:2] == ["git", "diff"]:
+            return ""
+        if cmd[:2] == ["git", "show"]:
+            return lock
+        return json.dumps(metrics)
+
+    monkeypatch.setattr(rp, "_run", fake_run)
+    out = io.StringIO()
+    assert rp.check(tmp_path, tolerance=tmp_path / "tol.yaml", out=out)
+    text = out.getvalue()
+    assert "metrics: 2 checked against HEAD, 3 moved, 0 outside" in text
+    assert "'*_mse*': 1/1 moved, largest |diff| 0.0005 (allowed 0.001 + 0.1*|old|, 10 % of allowed;" in text
+    assert "'*': 1/1 moved, largest |diff| 0.04 (allowed 0.05, 80 % of allowed;" in text
+    assert "'*:*best_epoch*': 1/1 moved, largest |diff| 8 (allowed skipped; worst" in text
+    metrics["reports/evaluate/cnn/metrics.json"]["best.i2m_r5"]["new"] = 0.68
+    out = io.StringIO()
+    assert not rp.check(tmp_path, tolerance=tmp_path / "tol.yaml", out=out)
+    assert "120 % of allowed" in out.getvalue()
+    assert "OUTSIDE: reports/evaluate/cnn/metrics.json:best.i2m_r5: committed 0.62, regenerated 0.68" in out.getvalue()
