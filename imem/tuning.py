@@ -37,7 +37,6 @@ import fcntl
 import math
 import os
 import socket
-import tempfile
 import threading
 import time
 import warnings
@@ -51,8 +50,9 @@ from optuna.trial import TrialState
 
 from imem import distributed as ddp
 from imem.errors import ImemError
-from imem.io import write_csv, write_text
+from imem.io import scratch_dir, write_csv, write_text
 from imem.losses import LOSS_NAMES, NonFiniteLoss
+from imem.tracking import SHARED_PID
 from imem.training import StoppedByRank0, train_variant, variant_config
 
 EXPERIMENT = "imem-tune"
@@ -459,8 +459,10 @@ class Tuner:
                     if parent is None:
                         params = {"study": self.study_name, "storage": _redact(self.url),
                                   **{f"tune.{k}": v for k, v in self.p.items() if k not in ("storage", "study_name")}}
+                        # shared by every worker of the study: no one process's pid may judge it dead
                         run = stack.enter_context(mlflow_run(EXPERIMENT, self.study_name, params,
-                                                             tags={"optuna.study": self.study_name}))
+                                                             tags={"optuna.study": self.study_name,
+                                                                   "imem.pid": SHARED_PID}))
                         self.study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
                 if parent is not None:
                     mlflow.set_tracking_uri(tracking_uri())
@@ -476,7 +478,8 @@ class Tuner:
                                       stacklevel=2)
                         stack.enter_context(mlflow_run(EXPERIMENT, self.study_name,
                                                        {"study": self.study_name, "storage": _redact(self.url)},
-                                                       tags={"optuna.study": self.study_name}))
+                                                       tags={"optuna.study": self.study_name,
+                                                             "imem.pid": SHARED_PID}))
                 run_id = mlflow.active_run().info.run_id
                 yield  # leaving the stack ends the parent run: FINISHED, or FAILED on an error
         finally:
@@ -579,7 +582,7 @@ class Tuner:
 
         if ddp.active():  # torchrun: the other ranks train the same config with rank 0 (see follow_trials)
             _share_config(cfg)
-        with tempfile.TemporaryDirectory(prefix="imem-tune-") as tmp:
+        with scratch_dir("imem-tune-") as tmp:
             rep = train_variant(cfg, self.prepare_dir, self.features_dir, Path(tmp) / "model", Path(tmp) / "report",
                                 track=False, progress=self.progress, on_epoch=hook, cache_memo=self.cache_memo)
         value = values[rep["best_epoch"]]
@@ -705,7 +708,7 @@ def follow_trials(prepare_dir: str | Path, features_dir: str | Path) -> None:
     seen by all ranks at the same step."""
     memo: dict = {}
     while (cfg := _share_config(None)) is not None:
-        with tempfile.TemporaryDirectory(prefix="imem-tune-rank-") as tmp:
+        with scratch_dir("imem-tune-rank-") as tmp:
             try:
                 train_variant(cfg, prepare_dir, features_dir, Path(tmp) / "model", Path(tmp) / "report", track=False,
                               progress=False, cache_memo=memo)
