@@ -221,7 +221,18 @@ def open_study(url: str, params: dict, study_name: str, track: bool = False) -> 
         storage = open_storage(url, params, track)
         study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
                                     pruner=make_pruner(params), sampler=make_sampler(params, 0), load_if_exists=True)
+        if study.metric_names is None:  # optuna-dashboard then labels the objective val/sim, not "Objective 0"
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([objective_name(params)])
     return storage, study
+
+
+def objective_name(params: dict) -> str:
+    """The metric a study minimises under the name its trials' MLflow runs log it: ``val/<objective>``
+    (``val/sim``: the similarity loss on the validation pairs, a mean squared error for the thesis' variants
+    and a sum for CDCML's, as each paper reduces it)."""
+    return f"val/{params['objective']}"
 
 
 class Heartbeat:
@@ -506,16 +517,32 @@ class Tuner:
             try:
                 cfg = suggest(trial, self.base, self.p["space"])
                 value = self._train(trial, cfg)
-            except optuna.TrialPruned:
+            except optuna.TrialPruned as exc:
                 self.study.tell(trial, state=TrialState.PRUNED)
+                self._say(trial, None, str(exc) or "pruned")
                 return
             except BaseException:
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
         self.study.tell(trial, value)
+        self._say(trial, value, None)
+
+    def _say(self, trial: optuna.Trial, value: float | None, pruned: str | None) -> None:
+        """One line per finished trial (issue 20): k/N of the study, its number, parameters and value, the
+        best so far, or why it was pruned."""
+        done = sum(t.state in DONE for t in self.study.get_trials(deepcopy=False))
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        if pruned is not None:
+            tail = pruned if pruned.startswith("pruned") else f"pruned: {pruned}"
+        else:
+            best = self.study.best_trial
+            tail = f"{objective_name(self.p)} = {value:.6g}" + (
+                ", the best so far" if best.number == trial.number else f" (best: trial {best.number}, {best.value:.6g})")
+        print(f"tune {self.study_name}: {done}/{self.p['n_trials']} done; trial {trial.number} ({params}): {tail}",
+              flush=True)
 
     def _train(self, trial: optuna.Trial, cfg: dict) -> float:
-        key = f"val/{self.p['objective']}"
+        key = objective_name(self.p)
 
         def on_epoch(row: dict) -> None:
             if key not in row:
@@ -528,7 +555,9 @@ class Tuner:
             value = float(row[key])
             trial.report(value, row["epoch"])
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {row['epoch']} ({key} = {value:.6g})")
+                why = {"median": "above the median of the earlier trials at that epoch",
+                       "hyperband": "cut by its Hyperband bracket"}.get(self.p["pruner"], self.p["pruner"])
+                raise optuna.TrialPruned(f"pruned at epoch {row['epoch']}: {key} = {value:.6g}, {why}")
 
         run_id, state = None, "PRUNED"
         try:
@@ -625,7 +654,7 @@ def best_params_doc(tuner: Tuner, params_file: str | Path = "params.yaml") -> di
     # dvc exp run -S: "key=value" modifies a key params.yaml has, "+key=value" adds one it lacks
     sets = [f"'{'' if k in existing else '+'}{k}={_yaml_scalar(val)}'" for k, val in keys.items()]
     best_trial = tuner.study.trials[s["best"]["number"]]
-    return {"study": s["study"], "storage": s["storage"], "variant": v, "objective": f"val/{tuner.p['objective']}",
+    return {"study": s["study"], "storage": s["storage"], "variant": v, "objective": objective_name(tuner.p),
             "epochs_per_trial": int(tuner.p["epochs"]), "trials": {k: s[k] for k in ("complete", "pruned", "failed")},
             "best_trial": s["best"]["number"], "best_value": s["best"]["value"],
             "mlflow_run_id": best_trial.user_attrs.get("mlflow_run_id"),

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from pg import pg_bindir, postgres_server
 
 from corpus_fixtures import prepared_pipeline
+from imem import tuning
 from imem.errors import ImemError
 from imem.params import section
 from imem.tuning import Tuner, make_sampler, run_tune, suggest
@@ -279,9 +280,11 @@ def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_tri
     assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work was shared
 
 
-def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch):
+def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch, capsys):
     """The median pruner itself (not a NaN loss) stops a trial whose epoch-1 value is worse than the median
-    of the earlier trials: training is replaced by a stub whose val/sim is the trial's lr at every epoch."""
+    of the earlier trials: training is replaced by a stub whose val/sim is the trial's lr at every epoch.
+    Each finished trial prints one line (k/N, its parameters, its value or why it was pruned; issue 20), and
+    the study names its objective for optuna-dashboard."""
     import imem.tuning as tuning
 
     def fake_train(cfg, prepare_dir, features_dir, model_dir, report_dir, on_epoch=None, **kw):
@@ -300,6 +303,14 @@ def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch
     trials = tuner.study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
     assert "pruned_reason" not in trials[1].user_attrs and list(trials[1].intermediate_values) == [1]
+    assert tuner.study.metric_names == ["val/sim"]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tune median:")]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("tune median: 1/3 done; trial 0 (") and "lr=0.01" in lines[0]
+    assert lines[0].endswith("): val/sim = 0.01, the best so far")
+    assert lines[1].startswith("tune median: 2/3 done; trial 1 (") and "lr=0.5" in lines[1]
+    assert lines[1].endswith("): pruned at epoch 1: val/sim = 0.5, above the median of the earlier trials at that epoch")
+    assert lines[2].endswith("): val/sim = 0.001, the best so far") and "head=cls" in lines[2]
 
 
 def test_fixed_settings_are_applied_and_promoted(tiny, tmp_path, monkeypatch):
@@ -390,3 +401,20 @@ def test_missing_parent_run_opens_a_new_one_and_a_busy_study_keeps_it_running(ti
     assert isinstance(busy.claim(), optuna.Trial)  # another worker's trial is RUNNING
     tuner._reopen_parent_if_busy(parents[0].info.run_id)
     assert mlflow.get_run(parents[0].info.run_id).info.status == "RUNNING"
+
+
+def test_the_files_a_sqlite_study_writes_beside_its_storage_are_git_ignored(tiny, tmp_path, monkeypatch):
+    """.gitignore listed optuna.db.lock while tune wrote optuna.db.claim-lock, which showed up as untracked
+    (issue 20): every file a study writes next to optuna.db must be ignored by the repository's rules."""
+    monkeypatch.chdir(tmp_path)
+    p = {**section("tune", path=tiny / "params.yaml"), "n_trials": 1}
+    tuner = Tuner(p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features",
+                  storage="sqlite:///optuna.db", study_name="ignored", track=False, progress=False)
+    with tuning.claim_lock(tuner.storage, tuner.url):
+        pass
+    written = sorted(f.name for f in tmp_path.iterdir())
+    assert "optuna.db" in written and "optuna.db.claim-lock" in written, written
+    root = Path(__file__).resolve().parents[1]
+    for name in written:  # checked against the repository's .gitignore as if the file sat at its root
+        r = subprocess.run(["git", "check-ignore", "-q", "--no-index", name], cwd=root)
+        assert r.returncode == 0, f"{name} is not ignored by .gitignore"
