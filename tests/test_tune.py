@@ -234,10 +234,16 @@ def _worker(tiny: Path, storage: str, n: int, env: dict) -> subprocess.Popen:
 @pytest.mark.skipif(pg_bindir() is None, reason="PostgreSQL binaries absent (.ci/run installs Debian's postgresql)")
 def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_trial(tiny, tmp_path):
     """Three workers start together; one is SIGKILLed in the middle of a trial while the others are working.
-    The survivors fail its trial once its heartbeat is stale, retry it, and finish exactly n trials."""
+    The survivors fail its trial once its heartbeat is stale, retry it, and finish exactly n trials. MLflow:
+    the killed trial's run is marked KILLED (its process is gone), the study's shared parent run ends FINISHED
+    and is never marked killed; the killed worker's scratch directory is removed (issue 16's fault suite)."""
+    import mlflow
+
     n = 4
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     env.pop("OPTUNA_STORAGE", None)
     with postgres_server() as url:
         workers = [_worker(tiny, url, n, env) for _ in range(3)]
@@ -278,6 +284,14 @@ def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_tri
     assert retried[0].user_attrs["worker"] in alive
     assert {t.user_attrs["worker"] for t in trials if t.number > killed} <= alive
     assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work was shared
+    assert not list(scratch.glob("imem-tune-*"))  # the killed worker's trial directory went with the next trial
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("imem-tune").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in runs]
+    assert "imem.killed" not in parents[0].data.tags and parents[0].data.tags["imem.pid"] == "shared"
+    dead = [r for r in runs if "imem.killed" in r.data.tags]
+    assert [(r.data.tags["optuna.trial_number"], r.info.status) for r in dead] == [(str(killed), "KILLED")]
 
 
 def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch, capsys):
