@@ -638,10 +638,10 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
                   "with the config it was started with", file=sys.stderr)
     elif resume:
         raise ImemError(f"--resume: no checkpoint at {last}")
-    # the run that wrote last.pt is found by last.pt's content hash (tagged after every epoch's save): the
-    # checkpoint itself holds no run id, so identical trainings keep byte-identical checkpoints (DVC hashes)
-    # Before each write of last.pt its run is tagged with the new hash (imem.last_sha256) and the one it replaces
-    # (imem.prev_last_sha256): a kill between the tag and the rename leaves the previous file, found by the second.
+    # The run that wrote last.pt is found by last.pt's content hash: the checkpoint itself holds no run id, so
+    # identical trainings keep byte-identical checkpoints (DVC hashes). Before each write of last.pt its run is
+    # tagged with the new hash (imem.last_sha256) and the one it replaces (imem.prev_last_sha256): a kill between
+    # the tag and the rename leaves the previous file, found by the second.
     sha = file_sha256(last) if resume else ""
     resume_tags = [{"imem.last_sha256": sha}, {"imem.prev_last_sha256": sha}] if resume else None
     with _tracking(cfg, track, resume_tags) as run:
