@@ -52,6 +52,7 @@ from imem import distributed as ddp
 from imem.errors import ImemError
 from imem.io import scratch_dir, write_csv, write_text
 from imem.losses import LOSS_NAMES, NonFiniteLoss
+from imem.models.encoders import SEQUENCE_ENCODERS, SEQUENCE_HEADS
 from imem.tracking import SHARED_PID
 from imem.training import StoppedByRank0, train_variant, variant_config
 
@@ -63,7 +64,6 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="imem.tuning")
 warnings.filterwarnings("ignore", message=r"Argument ``(heartbeat_interval|grace_period)`` is an experimental")
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-TRANSFORMER_HEADS = ("flatten", "cls", "mean")
 
 
 # --- storage --------------------------------------------------------------------------------------------
@@ -269,20 +269,21 @@ def _heartbeat_enabled(storage) -> bool:
 # --- search space -----------------------------------------------------------------------------------------
 
 def head_choices(cfg: dict, wanted: list[str]) -> dict[str, list[str]]:
-    """Per side: the head strategies to try. A CNN encoder offers only ``pool``; a transformer the
-    ``wanted`` ones among flatten (v1), cls (v2) and mean."""
+    """Per side: the head strategies to try. An encoder whose output is one vector (ResNet, L3-Net's
+    subnetworks, the handcrafted statistics) offers only ``pool``; a transformer (ViT, BEATs) the ``wanted``
+    ones among flatten (v1), cls (v2) and mean."""
     out = {}
     for side in ("image", "music"):
         spec = cfg.get(f"{side}_encoder")
         if spec is None:
             continue
-        if spec["type"] == "resnet":
+        if spec["type"] not in SEQUENCE_ENCODERS:
             out[side] = ["pool"]
         else:
-            bad = [h for h in wanted if h not in TRANSFORMER_HEADS]
+            bad = [h for h in wanted if h not in SEQUENCE_HEADS]
             if bad:
                 raise ImemError(f"params: tune.space.head: {bad[0]!r} is not a transformer head "
-                                f"(one of: {', '.join(TRANSFORMER_HEADS)})")
+                                f"(one of: {', '.join(SEQUENCE_HEADS)})")
             out[side] = list(wanted) or [cfg[f"{side}_head"]]
     return out
 
@@ -296,7 +297,7 @@ def suggest(trial: optuna.Trial, base: dict, space: dict) -> dict:
     m = space["margin"]
     cfg["margin"] = trial.suggest_float("margin", float(m["low"]), float(m["high"]), log=bool(m["log"]))
     choices = head_choices(cfg, list(space["head"]))
-    tunable = sorted({h for c in choices.values() if c != ["pool"] for h in c}, key=TRANSFORMER_HEADS.index)
+    tunable = sorted({h for c in choices.values() if c != ["pool"] for h in c}, key=SEQUENCE_HEADS.index)
     if len(tunable) > 1:
         head = trial.suggest_categorical("head", tunable)
         for side, c in choices.items():
@@ -644,7 +645,7 @@ def best_params_doc(tuner: Tuner, params_file: str | Path = "params.yaml") -> di
     for name, value in s["best"]["params"].items():
         if name == "head":
             for side in ("image", "music"):
-                if tuner.base.get(f"{side}_encoder", {}).get("type") not in (None, "resnet"):
+                if tuner.base.get(f"{side}_encoder", {}).get("type") in SEQUENCE_ENCODERS:
                     keys[f"train.variants.{v}.{side}_head"] = value
         else:
             keys[f"train.variants.{v}.{name}"] = value

@@ -207,6 +207,17 @@ def test_head_choices_follow_the_encoder():
     assert t.params["head"] in ("flatten", "cls", "mean") and cfg["image_head"] == cfg["music_head"] == t.params["head"]
     with pytest.raises(ImemError, match=r"tune.space.head: 'pool' is not a transformer head"):
         suggest(st.ask(), _variant(), {**space, "head": ["pool", "cls"]})
+    # L3-Net's subnetworks and ACP-Net's handcrafted statistics output one vector too: pool only (they were
+    # offered flatten/cls/mean, which the head then refused; issue 17)
+    from imem.models.encoders import SEQUENCE_HEADS
+    from imem.training import variant_config
+
+    repo = section("train", path=Path(__file__).resolve().parents[1] / "params.yaml")
+    for name in ("l3_net", "acp_net"):
+        t = st.ask()
+        cfg = suggest(t, variant_config(repo, name), space)
+        assert "head" not in t.params and cfg["image_head"] == cfg["music_head"] == "pool", name
+    assert tuple(space["head"]) == SEQUENCE_HEADS  # the schema's default lists the same heads
 
 
 def test_bad_tune_params_are_one_clear_error(tiny, tmp_path):
