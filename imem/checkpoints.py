@@ -12,6 +12,7 @@ config too). Used by training (resume), evaluation and user-side inference.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections import OrderedDict
@@ -83,23 +84,40 @@ def plain(obj):
     return obj
 
 
-def save(obj: dict, path: Path) -> None:
+def save(obj: dict, path: Path, before_write=None) -> None:
     """torch.save of :func:`plain` ``obj`` through an in-memory buffer, then an atomic write. Saving to the
     temporary file directly would name the archive's top folder after the (random) temp name, so identical
-    checkpoints would differ in bytes and DVC hashes would change on every re-run."""
+    checkpoints would differ in bytes and DVC hashes would change on every re-run. ``before_write``: called
+    with the file's sha256 before it is written (training tags its MLflow run with it: a kill at any point
+    leaves a file whose hash the run names, imem.training)."""
     buf = io.BytesIO()
     torch.save(plain(obj), buf)
+    if before_write is not None:
+        before_write(hashlib.sha256(buf.getbuffer()).hexdigest())
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
 
 
-def read_checkpoint(path: str | Path, keys: tuple[str, ...] = ("model", "config")) -> dict:
-    """The checkpoint's dict (on the CPU); an unreadable, unsafe, foreign or incomplete file is one error line."""
+def _encoders_of(kind: object) -> tuple[str, ...]:
+    return {"matching": ("image_encoder", "music_encoder"), "unimodal_image": ("image_encoder",),
+            "unimodal_music": ("music_encoder",)}.get(str(kind), ())
+
+
+def read_checkpoint(path: str | Path, keys: tuple[str, ...] = ("model", "config"), complete: bool = False) -> dict:
+    """The checkpoint's dict (on the CPU); an unreadable, unsafe, foreign or incomplete file is one error line.
+    ``complete``: the config must also hold every ``train.common`` key and the kind's encoders (what training
+    and evaluation read); otherwise only its kind and variant are required (enough for ``imem predict``, whose
+    loader names any further missing key itself)."""
     ck = safe_load(path)
     if not isinstance(ck, dict) or any(k not in ck for k in keys):
         raise ImemError(f"{path}: not an imem checkpoint (expected a dict with {', '.join(repr(k) for k in keys)})")
     cfg = ck["config"]
-    missing = [k for k in REQUIRED_CONFIG if not isinstance(cfg, dict) or k not in cfg]
+    required: tuple[str, ...] = REQUIRED_CONFIG
+    if complete and isinstance(cfg, dict):
+        from imem.params import Common
+
+        required += tuple(Common.model_fields) + _encoders_of(cfg.get("kind"))
+    missing = [k for k in required if not isinstance(cfg, dict) or k not in cfg]
     if missing:
         raise ImemError(f"{path}: the checkpoint's config lacks {', '.join(repr(k) for k in missing)}: "
                         "not a complete imem checkpoint")

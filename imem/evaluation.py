@@ -51,7 +51,7 @@ def load_checkpoints(model_dir: Path) -> dict[str, dict]:
         path = model_dir / f"{name}.pt"
         if not path.is_file():
             raise ImemError(f"{path}: no checkpoint (run the train stage for this variant)")
-        ck = read_checkpoint(path, ("model", "config", "epoch"))
+        ck = read_checkpoint(path, ("model", "config", "epoch"), complete=True)
         out[name] = {"model": ck["model"], "config": ck["config"], "epoch": int(ck["epoch"]), "sha256": file_sha256(path)}
     return out
 
@@ -67,7 +67,7 @@ def load_seed_checkpoints(model_dir: Path, cfg: dict) -> dict[int, dict]:
         path = model_dir / "seeds" / str(ts) / "best.pt"
         if not path.is_file():
             raise ImemError(f"{path}: no checkpoint for training seed {ts} (re-run the train stage)")
-        ck = read_checkpoint(path, ("model", "config", "epoch"))
+        ck = read_checkpoint(path, ("model", "config", "epoch"), complete=True)
         out[ts] = {"model": ck["model"], "epoch": int(ck["epoch"])}
     return out
 

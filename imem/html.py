@@ -20,13 +20,21 @@ THUMB = 160  # px, longest side
 
 
 def thumbnail_data_uri(path: str | Path, size: int = THUMB) -> str:
+    """A JPEG thumbnail, under the same size limit as the image's embedding (imem.inference.MAX_IMAGE_PIXELS)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=85)
+    from imem import inference
+    from imem.errors import ImemError
+    from imem.features.store import IMAGE_ERRORS, open_image
+
+    try:
+        with open_image(path, inference.MAX_IMAGE_PIXELS) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85)
+    except IMAGE_ERRORS as exc:
+        raise ImemError(f"unreadable image file {path}: {str(exc).splitlines()[0]}") from exc
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

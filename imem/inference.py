@@ -213,26 +213,18 @@ class AudioWindows:
 
 
 
-MAX_IMAGE_PIXELS = 1_000_000_000
+# User images (predict, retrieve's page): refused above this many pixels by the header's dimensions, before
+# decoding (issue 16 item 4). 250 megapixels holds the largest camera sensors (150 MP medium format) with room
+# and decodes to 750 MB of RGB; the issue's bomb, a 25,000 x 25,000 PNG of 607 KB (625 MP, 4.2 GB decoded), is
+# refused. The corpus' images keep PIL's own guard (imem.features.store.open_image).
+MAX_IMAGE_PIXELS = 250_000_000
 
 
 def load_user_image(path: Path, size: int) -> np.ndarray:
-    """:func:`load_image` for user files of any size up to MAX_IMAGE_PIXELS (1 gigapixel, about 3 GB
-    decoded), refused by the header's dimensions before anything is decoded (issue 16 item 4). PIL's own
-    decompression-bomb guard (a warning over ~89 megapixels, an error over twice its limit) is replaced
-    by this one exact limit while the image loads; every image is downscaled to size x size at once."""
-    import warnings
-
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # the header check in load_image enforces MAX_IMAGE_PIXELS itself
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return load_image(path, size, max_pixels=MAX_IMAGE_PIXELS)
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+    """:func:`load_image` for user files of any size up to MAX_IMAGE_PIXELS, refused by the header's
+    dimensions before anything is decoded; PIL's decompression-bomb guard is replaced by this one exact
+    limit; every image is downscaled to size x size at once."""
+    return load_image(path, size, max_pixels=MAX_IMAGE_PIXELS)
 
 
 class Predictor:

@@ -63,6 +63,20 @@ def clean_stale(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary directory ``<tmp>/<prefix><pid>-<random>`` removed on exit, like
+    ``tempfile.TemporaryDirectory``; those of earlier processes of the same prefix that are gone (kill -9 of
+    a tune worker left its trial's checkpoints in /tmp) are removed first."""
+    base = Path(tempfile.gettempdir())
+    for p in base.glob(f"{glob.escape(prefix)}*"):
+        m = re.fullmatch(r"(\d+)-[A-Za-z0-9_]+", p.name[len(prefix):])
+        if m is not None and p.is_dir() and not p.is_symlink() and not process_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-", dir=base) as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``. Temporaries of killed
     earlier writers are removed first (:func:`clean_stale`)."""

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import yaml
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from imem.errors import ImemError
 
@@ -31,8 +31,8 @@ def _no_bool(v):
     return v
 
 
-# Integers are strict (10, not "10", 10.0 or true); numbers take ints and YAML's "1e-3" (PyYAML reads a
-# float without a dot as a string), never a boolean, NaN or infinity.
+# Integers are strict (10, not "10", 10.0 or true); numbers take ints and numeric strings such as YAML's "1e-3"
+# (PyYAML reads a float without a dot as a string), never a boolean, NaN or infinity.
 Int = Annotated[int, Field(strict=True)]
 Num = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
 Str = Annotated[str, Field(strict=True)]
@@ -142,13 +142,25 @@ class Train(_Section):
     variants: dict[str, dict[str, Any]] = {}
 
 
-class LrRange(_Section):
+class _Range(_Section):
+    """A search range: low <= high, and low > 0 on a log scale (Optuna's own check was a traceback)."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low = {self.low:g} is above high = {self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"low = {self.low:g}: a log-scale range needs low > 0 (or log: false)")
+        return self
+
+
+class LrRange(_Range):
     low: Num = _f(1e-4, gt=0)
     high: Num = _f(3e-2, gt=0)
     log: Bool = True
 
 
-class MarginRange(_Section):
+class MarginRange(_Range):
     low: Num = _f(1.0, ge=0)
     high: Num = _f(30.0, gt=0)
     log: Bool = True
@@ -308,6 +320,8 @@ def validate(model: type[BaseModel], data: dict, where: str, keys_from: dict | N
         if err["type"] in ("model_type", "model_attributes_type", "dict_type") and len(loc) and \
                 not isinstance(err.get("input"), dict):
             raise ImemError(f"params: '{key}' must be a mapping, got {type(err['input']).__name__}") from None
+        if err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a check across keys (_Range)
+            raise ImemError(f"params: {key}: {err['ctx']['error']}") from None
         value = err.get("input")
         raise ImemError(f"params: {key} = {value!r}: must be {_allowed(model, loc)}") from None
 

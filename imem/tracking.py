@@ -105,14 +105,23 @@ def process_tags() -> dict:
     return {"imem.host": socket.gethostname(), "imem.boot_id": _boot_id(), "imem.pid": str(os.getpid())}
 
 
+SHARED_PID = "shared"  # the imem.pid tag of a run several processes hold (an Optuna study's parent run)
+
+
 def mark_dead_runs(client, experiment_id: str, keep: tuple[str, ...] = ()) -> list[str]:
     """RUNNING runs of the experiment whose process is gone (kill -9, OOM killer, power loss) are marked
     KILLED (issue 16 item 6); returns their ids. Only runs started on this host in this boot are judged, by
     their ``imem.pid`` tag: a run of another machine (or of before a reboot) cannot be checked from here and
-    is left as it is. A pid reused by a live process keeps its run RUNNING (the safe side)."""
+    is left as it is. A pid reused by a live process keeps its run RUNNING (the safe side). A run several
+    processes share (an Optuna study's parent run, tagged ``imem.pid = shared``) is never judged by one pid:
+    its workers end it (imem.tuning)."""
+    import mlflow
+
     from imem.io import process_alive
 
     me = process_tags()
+    active = mlflow.active_run()  # this process holds it (and, nested, its parent): alive by definition
+    keep = (*keep, *((active.info.run_id, active.data.tags.get("mlflow.parentRunId", "")) if active else ()))
     try:
         runs = client.search_runs([experiment_id], max_results=1000,
                                   filter_string=f"attributes.status = 'RUNNING' and tags.`imem.host` = '{me['imem.host']}'")
@@ -134,12 +143,12 @@ def mark_dead_runs(client, experiment_id: str, keep: tuple[str, ...] = ()) -> li
 
 @contextlib.contextmanager
 def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None = None,
-               nested: bool = False, resume_tags: dict | None = None) -> Iterator[object]:
+               nested: bool = False, resume_tags: dict | list[dict] | None = None) -> Iterator[object]:
     """An MLflow run with all params and the standard tags; an exception marks it FAILED. Dead RUNNING runs
     of the experiment are marked KILLED first (:func:`mark_dead_runs`). ``resume_tags``: continue the latest
     run of the experiment whose tags have these values (a resumed training finds its run by the content hash
-    of the checkpoint it resumes from); when the store has none, a new run tagged ``imem.resumed`` (the
-    caller re-logs the earlier epochs)."""
+    of the checkpoint it resumes from), or a list of such mappings tried in order; when the store has none, a
+    new run tagged ``imem.resumed`` (the caller re-logs the earlier epochs)."""
     import mlflow
 
     try:
@@ -148,11 +157,13 @@ def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None =
         exp = mlflow.set_experiment(experiment)
         client = mlflow.tracking.MlflowClient()
         found = None
-        if resume_tags:
-            where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in resume_tags.items())
+        for alternative in ([resume_tags] if isinstance(resume_tags, dict) else resume_tags or []):
+            where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in alternative.items())
             hits = client.search_runs([exp.experiment_id], filter_string=where, max_results=1,
                                       order_by=["attributes.start_time DESC"])
-            found = hits[0] if hits else None
+            if hits:
+                found = hits[0]
+                break
         mark_dead_runs(client, exp.experiment_id, keep=(found.info.run_id,) if found else ())
     except Exception as exc:  # a broken or unreachable store
         raise ImemError(f"MLflow tracking store {tracking_uri()}: {str(exc).splitlines()[0]}") from exc

@@ -638,11 +638,15 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
                   "with the config it was started with", file=sys.stderr)
     elif resume:
         raise ImemError(f"--resume: no checkpoint at {last}")
-    # the run that wrote last.pt is found by last.pt's content hash (tagged after every epoch's save): the
-    # checkpoint itself holds no run id, so identical trainings keep byte-identical checkpoints (DVC hashes)
-    resume_tags = {"imem.last_sha256": file_sha256(last)} if resume else None
+    # The run that wrote last.pt is found by last.pt's content hash: the checkpoint itself holds no run id, so
+    # identical trainings keep byte-identical checkpoints (DVC hashes). Before each write of last.pt its run is
+    # tagged with the new hash (imem.last_sha256) and the one it replaces (imem.prev_last_sha256): a kill between
+    # the tag and the rename leaves the previous file, found by the second.
+    sha = file_sha256(last) if resume else ""
+    resume_tags = [{"imem.last_sha256": sha}, {"imem.prev_last_sha256": sha}] if resume else None
     with _tracking(cfg, track, resume_tags) as run:
-        if run is not None and resume and run.data.tags.get("imem.last_sha256") != resume_tags["imem.last_sha256"]:
+        if run is not None and resume and sha not in (run.data.tags.get("imem.last_sha256"),
+                                                      run.data.tags.get("imem.prev_last_sha256")):
             for row in trainer.history:  # a new run (the store lost the old one): it gets the whole history
                 _log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"], track)
         cache_s = trainer.build_cache(memo=cache_memo) if trainer.fc_only else 0.0
@@ -662,11 +666,15 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
                 if main:
                     save({"model": trainer.model.state_dict(), "config": cfg, "epoch": row["epoch"]}, model_dir / "best.pt")
             if main:
-                save(trainer.state(), last)
-                if track:
-                    import mlflow
+                def tag(new: str) -> None:  # what --resume looks the run up by (see above)
+                    nonlocal sha
+                    if track:
+                        import mlflow
 
-                    mlflow.set_tag("imem.last_sha256", file_sha256(last))  # what --resume looks the run up by
+                        mlflow.set_tags({"imem.prev_last_sha256": sha, "imem.last_sha256": new})
+                    sha = new
+
+                save(trainer.state(), last, before_write=tag)
             _epoch_hook(on_epoch, row, main, trainer.dist)
         bar.close()
         report = {"variant": cfg["variant"], "epochs": trainer.epoch, "best_epoch": trainer.best["epoch"],
@@ -738,7 +746,7 @@ def check_resume_config(saved: dict, cfg: dict, path: Path) -> None:
                         "exact config: restore them, or train afresh without --resume")
 
 
-def _tracking(cfg: dict, track: bool, resume_tags: dict | None = None):
+def _tracking(cfg: dict, track: bool, resume_tags: dict | list[dict] | None = None):
     import contextlib
 
     if not track:

@@ -37,7 +37,6 @@ import fcntl
 import math
 import os
 import socket
-import tempfile
 import threading
 import time
 import warnings
@@ -51,8 +50,10 @@ from optuna.trial import TrialState
 
 from imem import distributed as ddp
 from imem.errors import ImemError
-from imem.io import write_csv, write_text
+from imem.io import scratch_dir, write_csv, write_text
 from imem.losses import LOSS_NAMES, NonFiniteLoss
+from imem.models.encoders import SEQUENCE_ENCODERS, SEQUENCE_HEADS
+from imem.tracking import SHARED_PID
 from imem.training import StoppedByRank0, train_variant, variant_config
 
 EXPERIMENT = "imem-tune"
@@ -63,7 +64,6 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="imem.tuning")
 warnings.filterwarnings("ignore", message=r"Argument ``(heartbeat_interval|grace_period)`` is an experimental")
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-TRANSFORMER_HEADS = ("flatten", "cls", "mean")
 
 
 # --- storage --------------------------------------------------------------------------------------------
@@ -221,7 +221,18 @@ def open_study(url: str, params: dict, study_name: str, track: bool = False) -> 
         storage = open_storage(url, params, track)
         study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
                                     pruner=make_pruner(params), sampler=make_sampler(params, 0), load_if_exists=True)
+        if study.metric_names is None:  # optuna-dashboard then labels the objective val/sim, not "Objective 0"
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([objective_name(params)])
     return storage, study
+
+
+def objective_name(params: dict) -> str:
+    """The metric a study minimises under the name its trials' MLflow runs log it: ``val/<objective>``
+    (``val/sim``: the similarity loss on the validation pairs, a mean squared error for the thesis' variants
+    and a sum for CDCML's, as each paper reduces it)."""
+    return f"val/{params['objective']}"
 
 
 class Heartbeat:
@@ -258,20 +269,21 @@ def _heartbeat_enabled(storage) -> bool:
 # --- search space -----------------------------------------------------------------------------------------
 
 def head_choices(cfg: dict, wanted: list[str]) -> dict[str, list[str]]:
-    """Per side: the head strategies to try. A CNN encoder offers only ``pool``; a transformer the
-    ``wanted`` ones among flatten (v1), cls (v2) and mean."""
+    """Per side: the head strategies to try. An encoder whose output is one vector (ResNet, L3-Net's
+    subnetworks, the handcrafted statistics) offers only ``pool``; a transformer (ViT, BEATs) the ``wanted``
+    ones among flatten (v1), cls (v2) and mean."""
     out = {}
     for side in ("image", "music"):
         spec = cfg.get(f"{side}_encoder")
         if spec is None:
             continue
-        if spec["type"] == "resnet":
+        if spec["type"] not in SEQUENCE_ENCODERS:
             out[side] = ["pool"]
         else:
-            bad = [h for h in wanted if h not in TRANSFORMER_HEADS]
+            bad = [h for h in wanted if h not in SEQUENCE_HEADS]
             if bad:
                 raise ImemError(f"params: tune.space.head: {bad[0]!r} is not a transformer head "
-                                f"(one of: {', '.join(TRANSFORMER_HEADS)})")
+                                f"(one of: {', '.join(SEQUENCE_HEADS)})")
             out[side] = list(wanted) or [cfg[f"{side}_head"]]
     return out
 
@@ -285,7 +297,7 @@ def suggest(trial: optuna.Trial, base: dict, space: dict) -> dict:
     m = space["margin"]
     cfg["margin"] = trial.suggest_float("margin", float(m["low"]), float(m["high"]), log=bool(m["log"]))
     choices = head_choices(cfg, list(space["head"]))
-    tunable = sorted({h for c in choices.values() if c != ["pool"] for h in c}, key=TRANSFORMER_HEADS.index)
+    tunable = sorted({h for c in choices.values() if c != ["pool"] for h in c}, key=SEQUENCE_HEADS.index)
     if len(tunable) > 1:
         head = trial.suggest_categorical("head", tunable)
         for side, c in choices.items():
@@ -459,8 +471,10 @@ class Tuner:
                     if parent is None:
                         params = {"study": self.study_name, "storage": _redact(self.url),
                                   **{f"tune.{k}": v for k, v in self.p.items() if k not in ("storage", "study_name")}}
+                        # shared by every worker of the study: no one process's pid may judge it dead
                         run = stack.enter_context(mlflow_run(EXPERIMENT, self.study_name, params,
-                                                             tags={"optuna.study": self.study_name}))
+                                                             tags={"optuna.study": self.study_name,
+                                                                   "imem.pid": SHARED_PID}))
                         self.study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
                 if parent is not None:
                     mlflow.set_tracking_uri(tracking_uri())
@@ -476,7 +490,8 @@ class Tuner:
                                       stacklevel=2)
                         stack.enter_context(mlflow_run(EXPERIMENT, self.study_name,
                                                        {"study": self.study_name, "storage": _redact(self.url)},
-                                                       tags={"optuna.study": self.study_name}))
+                                                       tags={"optuna.study": self.study_name,
+                                                             "imem.pid": SHARED_PID}))
                 run_id = mlflow.active_run().info.run_id
                 yield  # leaving the stack ends the parent run: FINISHED, or FAILED on an error
         finally:
@@ -503,16 +518,32 @@ class Tuner:
             try:
                 cfg = suggest(trial, self.base, self.p["space"])
                 value = self._train(trial, cfg)
-            except optuna.TrialPruned:
+            except optuna.TrialPruned as exc:
                 self.study.tell(trial, state=TrialState.PRUNED)
+                self._say(trial, None, str(exc) or "pruned")
                 return
             except BaseException:
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
         self.study.tell(trial, value)
+        self._say(trial, value, None)
+
+    def _say(self, trial: optuna.Trial, value: float | None, pruned: str | None) -> None:
+        """One line per finished trial (issue 20): k/N of the study, its number, parameters and value, the
+        best so far, or why it was pruned."""
+        done = sum(t.state in DONE for t in self.study.get_trials(deepcopy=False))
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        if pruned is not None:
+            tail = pruned if pruned.startswith("pruned") else f"pruned: {pruned}"
+        else:
+            best = self.study.best_trial
+            tail = f"{objective_name(self.p)} = {value:.6g}" + (
+                ", the best so far" if best.number == trial.number else f" (best: trial {best.number}, {best.value:.6g})")
+        print(f"tune {self.study_name}: {done}/{self.p['n_trials']} done; trial {trial.number} ({params}): {tail}",
+              flush=True)
 
     def _train(self, trial: optuna.Trial, cfg: dict) -> float:
-        key = f"val/{self.p['objective']}"
+        key = objective_name(self.p)
 
         def on_epoch(row: dict) -> None:
             if key not in row:
@@ -525,7 +556,9 @@ class Tuner:
             value = float(row[key])
             trial.report(value, row["epoch"])
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {row['epoch']} ({key} = {value:.6g})")
+                why = {"median": "above the median of the earlier trials at that epoch",
+                       "hyperband": "cut by its Hyperband bracket"}.get(self.p["pruner"], self.p["pruner"])
+                raise optuna.TrialPruned(f"pruned at epoch {row['epoch']}: {key} = {value:.6g}, {why}")
 
         run_id, state = None, "PRUNED"
         try:
@@ -579,7 +612,7 @@ class Tuner:
 
         if ddp.active():  # torchrun: the other ranks train the same config with rank 0 (see follow_trials)
             _share_config(cfg)
-        with tempfile.TemporaryDirectory(prefix="imem-tune-") as tmp:
+        with scratch_dir("imem-tune-") as tmp:
             rep = train_variant(cfg, self.prepare_dir, self.features_dir, Path(tmp) / "model", Path(tmp) / "report",
                                 track=False, progress=self.progress, on_epoch=hook, cache_memo=self.cache_memo)
         value = values[rep["best_epoch"]]
@@ -612,7 +645,7 @@ def best_params_doc(tuner: Tuner, params_file: str | Path = "params.yaml") -> di
     for name, value in s["best"]["params"].items():
         if name == "head":
             for side in ("image", "music"):
-                if tuner.base.get(f"{side}_encoder", {}).get("type") not in (None, "resnet"):
+                if tuner.base.get(f"{side}_encoder", {}).get("type") in SEQUENCE_ENCODERS:
                     keys[f"train.variants.{v}.{side}_head"] = value
         else:
             keys[f"train.variants.{v}.{name}"] = value
@@ -622,7 +655,7 @@ def best_params_doc(tuner: Tuner, params_file: str | Path = "params.yaml") -> di
     # dvc exp run -S: "key=value" modifies a key params.yaml has, "+key=value" adds one it lacks
     sets = [f"'{'' if k in existing else '+'}{k}={_yaml_scalar(val)}'" for k, val in keys.items()]
     best_trial = tuner.study.trials[s["best"]["number"]]
-    return {"study": s["study"], "storage": s["storage"], "variant": v, "objective": f"val/{tuner.p['objective']}",
+    return {"study": s["study"], "storage": s["storage"], "variant": v, "objective": objective_name(tuner.p),
             "epochs_per_trial": int(tuner.p["epochs"]), "trials": {k: s[k] for k in ("complete", "pruned", "failed")},
             "best_trial": s["best"]["number"], "best_value": s["best"]["value"],
             "mlflow_run_id": best_trial.user_attrs.get("mlflow_run_id"),
@@ -705,7 +738,7 @@ def follow_trials(prepare_dir: str | Path, features_dir: str | Path) -> None:
     seen by all ranks at the same step."""
     memo: dict = {}
     while (cfg := _share_config(None)) is not None:
-        with tempfile.TemporaryDirectory(prefix="imem-tune-rank-") as tmp:
+        with scratch_dir("imem-tune-rank-") as tmp:
             try:
                 train_variant(cfg, prepare_dir, features_dir, Path(tmp) / "model", Path(tmp) / "report", track=False,
                               progress=False, cache_memo=memo)

@@ -101,6 +101,17 @@ def test_incomplete_or_foreign_checkpoints_are_one_line(tmp_path):
     save({"model": {}, "config": {"kind": "matching", "variant": "cnn"}}, tmp_path / "d.pt")
     with pytest.raises(ImemError, match=r"d\.pt: the checkpoint's config lacks '"):
         load_model(tmp_path / "d.pt")
+    # evaluate's path (best.pt / last.pt of a model directory): every train.common key and the kind's encoders
+    from imem.evaluation import load_checkpoints
+    from imem.params import section
+
+    cfg = {"kind": "matching", "variant": "cnn", **section("train", {})["common"], "image_encoder": {"type": "resnet"}}
+    del cfg["loss_weights"]
+    for name in ("best", "last"):
+        save({"model": {}, "config": cfg, "epoch": 1}, tmp_path / "m" / f"{name}.pt")
+    with pytest.raises(ImemError, match=r"best\.pt: the checkpoint's config lacks 'loss_weights', 'music_encoder': "
+                                        r"not a complete imem checkpoint$"):
+        load_checkpoints(tmp_path / "m")
 
 
 # --- item 2: truncated media -------------------------------------------------------------------------------
@@ -213,6 +224,33 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.glob(".m.json.*")) == []
 
 
+def test_a_killed_tune_workers_scratch_directory_is_removed_by_the_next_worker(tmp_path, monkeypatch):
+    """A tune trial trains in <tmp>/imem-tune-<pid>-*; a worker killed mid-trial left it (with the trial's
+    checkpoints) in /tmp for good. The next scratch directory of the same prefix removes the dead pids' ones,
+    and leaves a live process's and other prefixes' alone."""
+    import tempfile
+
+    from imem.io import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = ("import os, sys; sys.path.insert(0, {root!r}); from imem.io import scratch_dir\n"
+            "with scratch_dir('imem-tune-') as t:\n    (t / 'last.pt').write_bytes(b'x' * 1000)\n"
+            "    os.kill(os.getpid(), 9)\n")
+    root = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code.format(root=root)], env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == -9
+    (left,) = tmp_path.glob("imem-tune-*")
+    assert (left / "last.pt").is_file()
+    live = tmp_path / f"imem-tune-{os.getppid()}-abc"
+    other = tmp_path / "imem-tune-rank-1-abc"
+    live.mkdir()
+    other.mkdir()
+    with scratch_dir("imem-tune-") as t:
+        assert t.name.startswith(f"imem-tune-{os.getpid()}-") and t.is_dir()
+        assert not left.exists() and live.exists() and other.exists()
+    assert not t.exists()
+
+
 def test_params_yaml_documents_short_audio():
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     assert params["prepare"]["short_audio"] == section("prepare", {})["short_audio"] == "error"
@@ -273,6 +311,9 @@ def test_workers_starting_together_on_a_new_storage_all_open_the_study(tmp_path,
     ({"evaluate": {"bootstrap": {"level": 1.5}}}, "params: evaluate.bootstrap.level = 1.5: must be a number in (0, 1)"),
     ({"features": {"image_size": 22.5}}, "params: features.image_size = 22.5: must be an integer >= 8"),
     ({"tune": {"space": {"lr": {"low": 0}}}}, "params: tune.space.lr.low = 0: must be a number > 0"),
+    ({"tune": {"space": {"margin": {"low": 0}}}},
+     "params: tune.space.margin: low = 0: a log-scale range needs low > 0 (or log: false)"),
+    ({"tune": {"space": {"lr": {"low": 0.1, "high": 0.01}}}}, "params: tune.space.lr: low = 0.1 is above high = 0.01"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key_and_the_range(raw, line):
     name = next(iter(raw))
@@ -283,6 +324,9 @@ def test_a_bad_value_is_one_line_naming_the_key_and_the_range(raw, line):
 
 def test_numbers_take_yaml_exponents_and_variants_are_checked_where_they_were_set():
     from imem.training import variant_config
+
+    # a linear margin range may start at 0 (only a log scale needs low > 0)
+    assert section("tune", {"tune": {"space": {"margin": {"low": 0, "log": False}}}})["space"]["margin"]["low"] == 0
 
     assert section("train", yaml.safe_load("train: {common: {lr: 1e-3}}"))["common"]["lr"] == 0.001
     raw = {"train": {"encoders": {"r": {"type": "resnet", "arch": "resnet18"}},
@@ -303,3 +347,21 @@ def test_the_repository_params_yaml_passes_the_schema():
     path = Path(__file__).resolve().parents[1] / "params.yaml"
     for name in ("synth", "prepare", "features", "train", "evaluate", "visualize", "methods", "tune"):
         section(name, path=path)
+
+
+def test_an_unreadable_non_wav_audio_file_prints_only_the_error_line(tmp_path):
+    """Issue 16 item 8: librosa's audioread fallback printed FutureWarning/UserWarning lines before imem's
+    `error:` line. prepare's duration check and the feature store's reader are silent but for that line."""
+    junk = tmp_path / "song.m4a"
+    junk.write_bytes(b"\x00\x00\x00\x18ftypM4A " + b"not audio" * 100)
+    code = ("import sys; sys.path.insert(0, {root!r})\n"
+            "from imem.errors import ImemError\nfrom imem.features.store import read_audio\n"
+            "from imem.data.common import audio_duration\nfrom pathlib import Path\n"
+            "for f in (read_audio, audio_duration):\n"
+            "    try:\n        f(Path({p!r}))\n    except ImemError as e:\n        print('error:', e, file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-W", "default", "-c", code.format(root=str(Path(__file__).resolve().parents[1]),
+                                                                           p=str(junk))],
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 2, r.stderr
+    assert all(line.startswith(f"error: unreadable audio file {junk}") for line in lines), r.stderr

@@ -156,6 +156,9 @@ def test_bad_input_gives_one_line_and_exit_1(pipeline, tmp_path, capsys):
     assert "no image or audio files under" in _cli_error(capsys, ["predict", str(tmp_path / "empty"), "--model",
                                                                   model, *params])
     assert "file not found" in _cli_error(capsys, ["predict", str(tmp_path / "nope.jpg"), "--model", model, *params])
+    _png_header_only(tmp_path / "bomb.png", 25_000, 25_000)  # issue 16 item 4's decompression bomb (625 MP)
+    assert "bomb.png is too large: 25000 x 25000 = 625,000,000 pixels" in _cli_error(
+        capsys, ["predict", str(tmp_path / "bomb.png"), "--model", model, *params])
     assert "no model at" in _cli_error(capsys, ["predict", str(tmp_path / "nope.jpg"), "--model",
                                                 str(tmp_path / "models" / "x"), *params])
     song = str(pipeline / "corpus" / "DEAM" / "MEMD_audio" / "10.wav")
@@ -240,3 +243,37 @@ def test_large_images_load_and_only_giant_ones_are_refused(tmp_path, monkeypatch
     (tmp_path / "cut.png").write_bytes((tmp_path / "bomb.png").read_bytes()[:200])
     with pytest.raises(ImemError, match=r"cut\.png is too large: 4000 x 4000"):
         inf.load_user_image(tmp_path / "cut.png", 16)
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG that declares width x height (valid signature and IHDR with its CRC) and holds almost no pixel
+    data: what a decompression bomb looks like to a header check (the issue's was 607 KB for 625 MP)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_the_issues_decompression_bomb_is_refused_in_one_line_everywhere(tmp_path):
+    """Issue 16 item 4 at its real size: a PNG declaring 25,000 x 25,000 (625 MP, 4.2 GB when decoded) is
+    refused by `imem predict` and by retrieve's thumbnails at MAX_IMAGE_PIXELS (250 MP), before decoding;
+    as a corpus image, PIL's own guard refuses it in `prepare` as one ImemError, not a traceback."""
+    import imem.inference as inf
+    from imem.data.common import check_image
+    from imem.html import thumbnail_data_uri
+
+    assert inf.MAX_IMAGE_PIXELS == 250_000_000 < 25_000 * 25_000
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 25_000, 25_000)
+    msg = r"bomb\.png is too large: 25000 x 25000 = 625,000,000 pixels, over the limit of 250,000,000"
+    with pytest.raises(ImemError, match=msg):
+        inf.load_user_image(bomb, 224)
+    with pytest.raises(ImemError, match=msg):
+        thumbnail_data_uri(bomb)
+    with pytest.raises(ImemError, match=r"unreadable image file .*bomb\.png: Image size \(625000000 pixels\) exceeds"):
+        check_image(bomb)

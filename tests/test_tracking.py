@@ -91,3 +91,36 @@ def test_a_process_killed_while_creating_the_store_leaves_no_half_made_mlflow_db
     exp = client.get_experiment_by_name("imem-test")
     ids = {o.strip().splitlines()[-1] for o, _ in outs}
     assert {r.info.run_id for r in client.search_runs([exp.experiment_id])} == ids and len(ids) == 3
+
+
+def test_a_dead_pid_kills_a_run_but_never_a_shared_or_active_one(monkeypatch, tmp_path):
+    """mark_dead_runs (issue 16 item 6) marks a RUNNING run of this host and boot KILLED when its process is
+    gone; an Optuna study's parent run, shared by several workers (imem.pid = shared), and the run this
+    process holds (a trial's parent, even with another worker's pid) are never judged dead."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from imem.tracking import SHARED_PID, mark_dead_runs, mlflow_run, process_tags
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = str(gone.pid)
+    with mlflow_run("imem-t", "first", {}):
+        pass
+    client = mlflow.tracking.MlflowClient()
+    exp = client.get_experiment_by_name("imem-t").experiment_id
+    ids = {}
+    for name, pid in (("killed", dead), ("shared", SHARED_PID), ("parent", dead)):
+        run = client.create_run(exp, run_name=name, tags={**process_tags(), "imem.pid": pid})
+        ids[name] = run.info.run_id
+    with mlflow.start_run(run_id=ids["parent"]):  # this process joins a run another (dead) pid created
+        with mlflow_run("imem-t", "trial", {}, nested=True):  # its start sweeps the experiment
+            pass
+    status = {name: client.get_run(i).info.status for name, i in ids.items()}
+    assert status == {"killed": "KILLED", "shared": "RUNNING", "parent": "FINISHED"}, status
+    assert "pid " + dead in client.get_run(ids["killed"]).data.tags["imem.killed"]
+    assert "imem.killed" not in client.get_run(ids["parent"]).data.tags  # not killed, then ended FINISHED
+    assert mark_dead_runs(client, exp) == []  # nothing left to judge: the shared run stays RUNNING

@@ -198,6 +198,59 @@ def test_a_killed_run_is_marked_killed_and_resume_continues_the_same_mlflow_run(
     pd.testing.assert_frame_equal(a, b)
 
 
+_KILLED_BETWEEN_TAG_AND_WRITE = """
+import os, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from test_training import _cfg
+import imem.training as t
+
+real, saves = t.save, []
+
+def save(obj, path, before_write=None):
+    if path.name == "last.pt":
+        saves.append(path)
+        if len(saves) == 2:  # epoch 2: the run is tagged with the new hash, then kill -9 before the file is written
+            real(obj, path.with_name("discarded.pt"), before_write=before_write)
+            os.kill(os.getpid(), 9)
+    real(obj, path, before_write=before_write)
+
+t.save = save
+t.train_variant(_cfg("unimodal_music", epochs=3), {prep!r}, {feat!r}, {m!r}, {r!r}, progress=False)
+"""
+
+
+def test_a_kill_between_the_run_tag_and_the_checkpoint_write_still_resumes_the_same_run(pipeline, tmp_path,
+                                                                                      monkeypatch):
+    """last.pt's run is found by the file's hash; the tag is written before the file, with the hash it
+    replaces beside it, so a kill between the two leaves last.pt of epoch 1, which --resume still finds."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    here = Path(__file__).resolve().parent
+    code = _KILLED_BETWEEN_TAG_AND_WRITE.format(root=str(here.parent), tests=str(here), prep=str(pipeline / "prepare"),
+                                                feat=str(pipeline / "features"), m=str(tmp_path / "m"),
+                                                r=str(tmp_path / "r"))
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLFLOW_TRACKING_URI": uri}).returncode == -9
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["imem-train"], output_format="list")
+    from imem.io import file_sha256
+
+    assert run.data.tags["imem.prev_last_sha256"] == file_sha256(tmp_path / "m" / "last.pt")  # epoch 1's file
+    assert run.data.tags["imem.last_sha256"] == file_sha256(tmp_path / "m" / "discarded.pt")  # never written
+    train_variant(_cfg("unimodal_music", epochs=3), pipeline / "prepare", pipeline / "features", tmp_path / "m",
+                  tmp_path / "r", progress=False, resume=True)
+    runs = mlflow.search_runs(experiment_names=["imem-train"], output_format="list")
+    assert [r.info.run_id for r in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["imem.last_sha256"] == file_sha256(tmp_path / "m" / "last.pt")
+    steps = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train/va_music")}
+    assert steps == {1, 2, 3}
+
+
 def test_nan_loss_stops_training_and_marks_the_mlflow_run_failed(pipeline, tmp_path, monkeypatch):
     import mlflow
 

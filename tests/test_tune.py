@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from pg import pg_bindir, postgres_server
 
 from corpus_fixtures import prepared_pipeline
+from imem import tuning
 from imem.errors import ImemError
 from imem.params import section
 from imem.tuning import Tuner, make_sampler, run_tune, suggest
@@ -206,6 +207,17 @@ def test_head_choices_follow_the_encoder():
     assert t.params["head"] in ("flatten", "cls", "mean") and cfg["image_head"] == cfg["music_head"] == t.params["head"]
     with pytest.raises(ImemError, match=r"tune.space.head: 'pool' is not a transformer head"):
         suggest(st.ask(), _variant(), {**space, "head": ["pool", "cls"]})
+    # L3-Net's subnetworks and ACP-Net's handcrafted statistics output one vector too: pool only (they were
+    # offered flatten/cls/mean, which the head then refused; issue 17)
+    from imem.models.encoders import SEQUENCE_HEADS
+    from imem.training import variant_config
+
+    repo = section("train", path=Path(__file__).resolve().parents[1] / "params.yaml")
+    for name in ("l3_net", "acp_net"):
+        t = st.ask()
+        cfg = suggest(t, variant_config(repo, name), space)
+        assert "head" not in t.params and cfg["image_head"] == cfg["music_head"] == "pool", name
+    assert tuple(space["head"]) == SEQUENCE_HEADS  # the schema's default lists the same heads
 
 
 def test_bad_tune_params_are_one_clear_error(tiny, tmp_path):
@@ -233,10 +245,16 @@ def _worker(tiny: Path, storage: str, n: int, env: dict) -> subprocess.Popen:
 @pytest.mark.skipif(pg_bindir() is None, reason="PostgreSQL binaries absent (.ci/run installs Debian's postgresql)")
 def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_trial(tiny, tmp_path):
     """Three workers start together; one is SIGKILLed in the middle of a trial while the others are working.
-    The survivors fail its trial once its heartbeat is stale, retry it, and finish exactly n trials."""
+    The survivors fail its trial once its heartbeat is stale, retry it, and finish exactly n trials. MLflow:
+    the killed trial's run ends FAILED like its trial, the study's shared parent run ends FINISHED and is never
+    marked killed; the killed worker's scratch directory is removed (issue 16's fault suite)."""
+    import mlflow
+
     n = 4
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     env.pop("OPTUNA_STORAGE", None)
     with postgres_server() as url:
         workers = [_worker(tiny, url, n, env) for _ in range(3)]
@@ -277,11 +295,24 @@ def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_tri
     assert retried[0].user_attrs["worker"] in alive
     assert {t.user_attrs["worker"] for t in trials if t.number > killed} <= alive
     assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work was shared
+    assert not list(scratch.glob("imem-tune-*"))  # the killed worker's trial directory went with the next trial
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("imem-tune").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in runs]
+    assert "imem.killed" not in parents[0].data.tags and parents[0].data.tags["imem.pid"] == "shared"
+    # the killed trial's run ends FAILED, as its Optuna trial (the stale-trial callback; a survivor's sweep may
+    # have marked it KILLED first, tagging imem.killed); no other run is marked killed
+    (victim_run,) = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(killed)]
+    assert victim_run.info.status == "FAILED" and victim_run.data.tags["optuna.state"] == "FAIL"
+    assert all(r.info.run_id == victim_run.info.run_id for r in runs if "imem.killed" in r.data.tags)
 
 
-def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch):
+def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch, capsys):
     """The median pruner itself (not a NaN loss) stops a trial whose epoch-1 value is worse than the median
-    of the earlier trials: training is replaced by a stub whose val/sim is the trial's lr at every epoch."""
+    of the earlier trials: training is replaced by a stub whose val/sim is the trial's lr at every epoch.
+    Each finished trial prints one line (k/N, its parameters, its value or why it was pruned; issue 20), and
+    the study names its objective for optuna-dashboard."""
     import imem.tuning as tuning
 
     def fake_train(cfg, prepare_dir, features_dir, model_dir, report_dir, on_epoch=None, **kw):
@@ -300,6 +331,14 @@ def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch
     trials = tuner.study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
     assert "pruned_reason" not in trials[1].user_attrs and list(trials[1].intermediate_values) == [1]
+    assert tuner.study.metric_names == ["val/sim"]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tune median:")]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("tune median: 1/3 done; trial 0 (") and "lr=0.01" in lines[0]
+    assert lines[0].endswith("): val/sim = 0.01, the best so far")
+    assert lines[1].startswith("tune median: 2/3 done; trial 1 (") and "lr=0.5" in lines[1]
+    assert lines[1].endswith("): pruned at epoch 1: val/sim = 0.5, above the median of the earlier trials at that epoch")
+    assert lines[2].endswith("): val/sim = 0.001, the best so far") and "head=cls" in lines[2]
 
 
 def test_fixed_settings_are_applied_and_promoted(tiny, tmp_path, monkeypatch):
@@ -390,3 +429,20 @@ def test_missing_parent_run_opens_a_new_one_and_a_busy_study_keeps_it_running(ti
     assert isinstance(busy.claim(), optuna.Trial)  # another worker's trial is RUNNING
     tuner._reopen_parent_if_busy(parents[0].info.run_id)
     assert mlflow.get_run(parents[0].info.run_id).info.status == "RUNNING"
+
+
+def test_the_files_a_sqlite_study_writes_beside_its_storage_are_git_ignored(tiny, tmp_path, monkeypatch):
+    """.gitignore listed optuna.db.lock while tune wrote optuna.db.claim-lock, which showed up as untracked
+    (issue 20): every file a study writes next to optuna.db must be ignored by the repository's rules."""
+    monkeypatch.chdir(tmp_path)
+    p = {**section("tune", path=tiny / "params.yaml"), "n_trials": 1}
+    tuner = Tuner(p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features",
+                  storage="sqlite:///optuna.db", study_name="ignored", track=False, progress=False)
+    with tuning.claim_lock(tuner.storage, tuner.url):
+        pass
+    written = sorted(f.name for f in tmp_path.iterdir())
+    assert "optuna.db" in written and "optuna.db.claim-lock" in written, written
+    root = Path(__file__).resolve().parents[1]
+    for name in written:  # checked against the repository's .gitignore as if the file sat at its root
+        r = subprocess.run(["git", "check-ignore", "-q", "--no-index", name], cwd=root)
+        assert r.returncode == 0, f"{name} is not ignored by .gitignore"

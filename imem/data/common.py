@@ -110,12 +110,12 @@ def wav_header_seconds(path: Path) -> float | None:
 def check_image(path: Path) -> None:
     """Decode the whole image once: a truncated or corrupt file is refused here, in ``prepare``, not later
     in ``features`` (``Image.verify`` checks the structure but decodes no pixel data)."""
-    from PIL import Image, UnidentifiedImageError
+    from imem.features.store import IMAGE_ERRORS, open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:  # PIL's decompression-bomb error included: one line, not a traceback
         raise ImemError(f"unreadable image file {path}: {str(exc).splitlines()[0]}") from exc
 
 

@@ -21,6 +21,7 @@ Clips of a song are stored in k order, so a longer input (MMVA's up to 10-s clip
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -101,17 +102,53 @@ def to_int16(y: np.ndarray) -> np.ndarray:
 def load_image(path: str | Path, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode, convert to RGB, resize to size x size (bicubic, antialiased) -> uint8 (size, size, 3).
     ``max_pixels``: refuse a larger image by the dimensions its header declares, before any decoding."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ImemError(f"image file {path} is too large: {im.width} x {im.height} = "
-                                f"{im.width * im.height:,} pixels, over the limit of {max_pixels:,}")
+        with open_image(path, max_pixels) as im:
             im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except IMAGE_ERRORS as exc:
         raise ImemError(f"unreadable image file {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def _image_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image, UnidentifiedImageError
+
+    # DecompressionBombError (PIL's guard, over twice Image.MAX_IMAGE_PIXELS) is a bare Exception subclass
+    return (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+IMAGE_ERRORS = _image_errors()
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path, max_pixels: int | None = None):
+    """``PIL.Image.open`` for one image. ``max_pixels``: the image is refused by the dimensions its header
+    declares, before any pixel is decoded, and PIL's own decompression-bomb guard (a warning over ~89
+    megapixels, an error only over twice its limit) is off while the file opens, so this one exact limit
+    decides (issue 16 item 4). Without ``max_pixels`` PIL's guard applies (corpus images)."""
+    import warnings
+
+    from PIL import Image
+
+    if max_pixels is None:
+        with Image.open(path) as im:
+            yield im
+        return
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    with im:
+        if im.width * im.height > max_pixels:
+            raise ImemError(f"image file {path} is too large: {im.width} x {im.height} = "
+                            f"{im.width * im.height:,} pixels, over the limit of {max_pixels:,}")
+        yield im
 
 
 # --- building the store ----------------------------------------------------------------------------------

@@ -237,10 +237,16 @@ def _no_more(spec: dict, kind: str) -> dict:
     return {}
 
 
+# The head strategies, listed once: ``pool`` for the encoders whose output is already one vector, the
+# thesis' v1 (flatten) and v2 (cls) and the token mean for the encoders that output a sequence.
+SEQUENCE_ENCODERS = ("vit", "beats")
+SEQUENCE_HEADS = ("flatten", "cls", "mean")
+
+
 class Head(nn.Module):
     """Sequence (or pooled vector) -> the shared embedding space (an FC to ``embed_dim``)."""
 
-    STRATEGIES = ("pool", "flatten", "cls", "mean")
+    STRATEGIES = ("pool", *SEQUENCE_HEADS)
 
     def __init__(self, backbone: nn.Module, strategy: str, embed_dim: int = 512, norm: str = "batchnorm"):
         super().__init__()
