@@ -352,8 +352,8 @@ class Trainer:
             rows = torch.cat([getattr(d, f"{side}_rows") if self.kind == "matching" else self._items(d)[0]
                               for d in data] + [getattr(d, f"items_{side}")[0] for d in data])
             head = self._head(side)
-            key = (cache_key(self.backbones[side], self.cfg[f"{side}_encoder"], self.store, rows, head.reduction)
-                   if memo is not None else None)
+            key = (cache_key(self.backbones[side], self.cfg[f"{side}_encoder"], self.store, rows, head.reduction,
+                             int(self.cfg["cache_batch_size"])) if memo is not None else None)
             hit = memo.get(key) if key is not None else None
             if hit is not None:
                 self.cache[side] = hit
@@ -554,11 +554,18 @@ class _ShardStep(torch.nn.Module):
         return {k: out[k] for k in self.keys}
 
 
+# The numerical recipe of backbone_cache (channels-last 4-D batches): part of the memo key, so entries written by
+# an earlier recipe miss instead of feeding training features that differ in the last bits (up to 4e-5).
+BACKBONE_PASS = "channels-last-1"
+
+
 def cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: torch.Tensor,
-              reduction: str = "none") -> tuple:
+              reduction: str = "none", batch_size: int = 0) -> tuple:
     """What a frozen backbone's cached outputs depend on: its weights, its input spec, the feature store
-    (path and manifest), the rows, the torch version and device, and the head's token reduction
-    (:attr:`imem.models.encoders.Head.reduction`; see :class:`imem.features.frozen.BackboneMemo`)."""
+    (path and manifest), the rows, the torch version and device, the head's token reduction
+    (:attr:`imem.models.encoders.Head.reduction`; see :class:`imem.features.frozen.BackboneMemo`), and what
+    changes their float rounding: the batch size, the thread count and the pass's recipe (a train stage and a
+    method with another batch size used to share one entry, so a stage's numbers depended on which ran first)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -568,7 +575,7 @@ def cache_key(backbone: torch.nn.Module, spec: dict, store: FeatureStore, rows: 
     rows_digest = hashlib.sha256(torch.unique(rows).numpy().tobytes()).hexdigest()
     return (h.hexdigest(), json.dumps([spec, image_normalisation(spec)], sort_keys=True), str(store.dir.resolve()),
             json.dumps(store.manifest, sort_keys=True), rows_digest, torch.__version__, _module_device(backbone),
-            reduction)
+            reduction, int(batch_size), torch.get_num_threads(), BACKBONE_PASS)
 
 
 def _module_device(m: torch.nn.Module) -> str:

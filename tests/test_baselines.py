@@ -122,7 +122,18 @@ def test_backbone_memo_hits_misses_and_survives_a_corrupt_entry(tiny, tmp_path):
     d = Trainer(cfg, tiny / "prepare", tiny / "features", progress=False)
     d.build_cache(memo=memo)
     assert torch.allclose(d.cache["music"][0], a.cache["music"][0])
-    assert memo.get(cache_key(d.backbones["music"], cfg["music_encoder"], d.store, rows)) is not None  # rewritten
+    bs = int(cfg["cache_batch_size"])
+    assert memo.get(cache_key(d.backbones["music"], cfg["music_encoder"], d.store, rows, batch_size=bs)) is not None
+    # what changes the float rounding changes the key: another batch size (a method's 32 against a train stage's
+    # cache_batch_size once shared an entry) or thread count
+    assert cache_key(d.backbones["music"], cfg["music_encoder"], d.store, rows, batch_size=bs) != \
+        cache_key(d.backbones["music"], cfg["music_encoder"], d.store, rows, batch_size=bs + 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert memo.get(cache_key(d.backbones["music"], cfg["music_encoder"], d.store, rows, batch_size=bs)) is None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _sp_reports(tmp: Path, sigma: float = 0.5) -> Path:

@@ -129,7 +129,7 @@ class MethodData:
             for p in backbone.parameters():
                 p.requires_grad_(False)
             rows = torch.as_tensor(np.concatenate([self._table(side)[s]["row"].to_numpy() for s in SPLITS]))
-            ck = cache_key(backbone, spec, self.store, rows) if self.memo is not None else None
+            ck = cache_key(backbone, spec, self.store, rows, batch_size=int(batch_size)) if self.memo is not None else None
             hit = self.memo.get(ck) if ck is not None else None
             if hit is not None:
                 feats, index = hit
