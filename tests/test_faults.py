@@ -1,6 +1,7 @@
 """Fault injection (issue 16): each long stage -- features, train, evaluate, a method -- is killed with
-SIGKILL at a random point and re-run with the same command, as ``dvc repro`` would. Its outputs must equal
-those of an uninterrupted run, no temporary file may be left, and the killed MLflow run must be marked KILLED.
+SIGKILL at a random point (a new one on every run; IMEM_FAULT_SEED replays one) and re-run with the same
+command, as ``dvc repro`` would. Its outputs must equal those of an uninterrupted run, no temporary file may
+be left, and the killed MLflow run must be marked KILLED.
 (A killed tune worker: tests/test_tune.py; train --resume after kill -9: tests/test_training.py.)"""
 
 from __future__ import annotations
@@ -116,8 +117,11 @@ def test_a_stage_killed_at_a_random_point_reruns_to_the_same_outputs(reference, 
     _, outputs, experiment = STAGES[stage]
     trial = tmp_path / "w"
     shutil.copytree(before[stage], trial)
-    rng = random.Random(f"{stage}-2026")
+    # a new random point on every run (the contract must hold at any); IMEM_FAULT_SEED=<seed> replays one
+    seed = os.environ.get("IMEM_FAULT_SEED") or str(random.SystemRandom().randrange(10**9))
+    rng = random.Random(f"{stage}-{seed}")
     when = rng.uniform(0.4, 0.7) * seconds[stage]  # past the imports (about a third of a short stage's time)
+    replay = f"(replay: IMEM_FAULT_SEED={seed})"
     for _ in range(3):  # a loaded machine can make this run faster than the reference: then kill earlier
         rc, _ = _run(trial, stage, kill_after=when)
         if rc == -signal.SIGKILL:
@@ -127,11 +131,11 @@ def test_a_stage_killed_at_a_random_point_reruns_to_the_same_outputs(reference, 
         when /= 2
     assert rc == -signal.SIGKILL, f"{stage} finished within {when:.1f} s; the kill came too late to test anything"
     _run(trial, stage)  # the same command again, as `dvc repro` would
-    assert _snapshot(trial, outputs) == _snapshot(work, outputs)
-    assert _leftovers(trial) == []
+    assert _snapshot(trial, outputs) == _snapshot(work, outputs), f"killed after {when:.1f} s {replay}"
+    assert _leftovers(trial) == [], replay
     if experiment:
         mlflow.set_tracking_uri(f"sqlite:///{trial / 'mlflow.db'}")
         runs = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
         statuses = runs["status"].tolist()
         # the killed run (if it had started one) is KILLED, the re-run FINISHED; nothing is left RUNNING
-        assert statuses[-1] == "FINISHED" and set(statuses[:-1]) <= {"KILLED"}, statuses
+        assert statuses[-1] == "FINISHED" and set(statuses[:-1]) <= {"KILLED"}, (statuses, replay)
