@@ -66,6 +66,15 @@ class Rule:
     def limit(self, old: float) -> float:
         return 0.0 if self.exact else self.abs + self.rel * abs(old)
 
+    def allowed(self) -> str:
+        """The tolerance as text: skipped, exact, or ``abs + rel*|old|``."""
+        if self.skip or self.exact:
+            return "skipped" if self.skip else "exact"
+        return f"{self.abs:.3g}" + (f" + {self.rel:.3g}*|old|" if self.rel else "")
+
+
+NO_RULE = Rule("(no rule: exact)", exact=True)  # a metric no rule names must be exact
+
 
 def _nan(x) -> bool:
     return isinstance(x, float) and math.isnan(x)
@@ -105,7 +114,7 @@ def rule_for(name: str, rules: list[Rule]) -> Rule:
     for r in rules:
         if fnmatch.fnmatchcase(name, r.match):
             return r
-    return Rule("(no rule: exact)", exact=True)
+    return NO_RULE
 
 
 # --- checking -----------------------------------------------------------------------------------------
@@ -328,10 +337,11 @@ def summarize_deviation(diff: dict, rules: list[Rule]) -> list[dict]:
     """Per rule: the metrics it covers, how many moved, the largest |diff|, the largest |diff| / |old| and the
     largest share of the allowed deviation used (``used``: |diff| / (abs + rel * |old|); above 1 breaks the rule)."""
     def row(r: Rule) -> dict:
-        return {"rule": r.match, "metrics": 0, "moved": 0, "max_abs": 0.0, "max_rel": 0.0, "used": 0.0, "worst": ""}
+        return {"rule": r.match, "metrics": 0, "moved": 0, "max_abs": 0.0, "max_rel": 0.0, "used": 0.0, "worst": "",
+                "_score": -1.0}
 
     rows = {r.match: row(r) for r in rules}
-    rows["(no rule: exact)"] = row(Rule("(no rule: exact)", exact=True))
+    rows[NO_RULE.match] = row(NO_RULE)
     for path, metrics in diff.items():
         for key, v in metrics.items():
             old, new = v.get("old"), v.get("new")
@@ -346,28 +356,29 @@ def summarize_deviation(diff: dict, rules: list[Rule]) -> list[dict]:
                 r["max_abs"] = d
             if float(old) != 0:
                 r["max_rel"] = max(r["max_rel"], d / abs(float(old)))
-            if not rule.skip:
-                lim = rule.limit(float(old))
-                used = d / lim if lim > 0 else math.inf
-                if used > r["used"] or not r["worst"]:
-                    r["used"], r["worst"] = used, f"{path}:{key} {old} -> {new}"
-            elif d >= r["max_abs"]:
-                r["worst"] = f"{path}:{key} {old} -> {new}"
+            # the worst metric: the largest share of the tolerance used (a skipped rule allows anything: the
+            # largest move)
+            lim = rule.limit(float(old))
+            score = d if rule.skip else (d / lim if lim > 0 else math.inf)
+            if score >= r["_score"]:
+                r["_score"], r["worst"] = score, f"{path}:{key} {old} -> {new}"
+                if not rule.skip:
+                    r["used"] = score
+    for r in rows.values():
+        del r["_score"]
     return [r for r in rows.values() if r["metrics"]]
 
 
 def deviation_lines(diff: dict, rules: list[Rule]) -> list[str]:
     """The per-rule summary as text, one line per rule under which a metric moved: what a run on another CPU
     measured (CI prints it, so every CI run is a measurement of the tolerances' headroom)."""
-    by_rule = {r.match: r for r in rules}
+    by_rule = {NO_RULE.match: NO_RULE, **{r.match: r for r in rules}}
     lines = []
     for r in summarize_deviation(diff, rules):
         if not r["moved"]:
             continue
-        rule = by_rule.get(r["rule"])
-        allowed = ("skipped" if rule is not None and rule.skip else "exact" if rule is None or rule.exact
-                   else f"{rule.abs:.3g}" + (f" + {rule.rel:.3g}*|old|" if rule.rel else ""))
-        used = "" if rule is not None and rule.skip else f", {100 * r['used']:.0f} % of allowed"
+        rule = by_rule[r["rule"]]
+        used = "" if rule.skip else f", {100 * r['used']:.0f} % of allowed"
         lines.append(f"{r['rule']!r}: {r['moved']}/{r['metrics']} moved, largest |diff| {r['max_abs']:.4g} "
-                     f"(allowed {allowed}{used}; worst {r['worst']})")
+                     f"(allowed {rule.allowed()}{used}; worst {r['worst']})")
     return lines

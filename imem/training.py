@@ -651,6 +651,15 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
     # the tag and the rename leaves the previous file, found by the second.
     sha = file_sha256(last) if resume else ""
     resume_tags = [{"imem.last_sha256": sha}, {"imem.prev_last_sha256": sha}] if resume else None
+
+    def tag(new: str) -> None:  # what --resume looks the run up by (see above)
+        nonlocal sha
+        if track:
+            import mlflow
+
+            mlflow.set_tags({"imem.prev_last_sha256": sha, "imem.last_sha256": new})
+        sha = new
+
     with _tracking(cfg, track, resume_tags) as run:
         if run is not None and resume and sha not in (run.data.tags.get("imem.last_sha256"),
                                                       run.data.tags.get("imem.prev_last_sha256")):
@@ -673,14 +682,6 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
                 if main:
                     save({"model": trainer.model.state_dict(), "config": cfg, "epoch": row["epoch"]}, model_dir / "best.pt")
             if main:
-                def tag(new: str) -> None:  # what --resume looks the run up by (see above)
-                    nonlocal sha
-                    if track:
-                        import mlflow
-
-                        mlflow.set_tags({"imem.prev_last_sha256": sha, "imem.last_sha256": new})
-                    sha = new
-
                 save(trainer.state(), last, before_write=tag)
             _epoch_hook(on_epoch, row, main, trainer.dist)
         bar.close()

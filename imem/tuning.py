@@ -222,9 +222,7 @@ def open_study(url: str, params: dict, study_name: str, track: bool = False) -> 
         study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
                                     pruner=make_pruner(params), sampler=make_sampler(params, 0), load_if_exists=True)
         if study.metric_names is None:  # optuna-dashboard then labels the objective val/sim, not "Objective 0"
-            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, stable in use
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([objective_name(params)])
+            study.set_metric_names([objective_name(params)])  # its ExperimentalWarning: filtered at the top
     return storage, study
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from imem.data.clips import song_sort_key
@@ -102,8 +103,6 @@ def to_int16(y: np.ndarray) -> np.ndarray:
 def load_image(path: str | Path, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode, convert to RGB, resize to size x size (bicubic, antialiased) -> uint8 (size, size, 3).
     ``max_pixels``: refuse a larger image by the dimensions its header declares, before any decoding."""
-    from PIL import Image
-
     try:
         with open_image(path, max_pixels) as im:
             im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
@@ -112,14 +111,9 @@ def load_image(path: str | Path, size: int, max_pixels: int | None = None) -> np
         raise ImemError(f"unreadable image file {path}: {str(exc).splitlines()[0]}") from exc
 
 
-def _image_errors() -> tuple[type[BaseException], ...]:
-    from PIL import Image, UnidentifiedImageError
-
-    # DecompressionBombError (PIL's guard, over twice Image.MAX_IMAGE_PIXELS) is a bare Exception subclass
-    return (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-IMAGE_ERRORS = _image_errors()
+# what PIL raises for an unreadable image; DecompressionBombError (its guard, over twice Image.MAX_IMAGE_PIXELS)
+# is a bare Exception subclass
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @contextlib.contextmanager
@@ -129,8 +123,6 @@ def open_image(path: str | Path, max_pixels: int | None = None):
     megapixels, an error only over twice its limit) is off while the file opens, so this one exact limit
     decides (issue 16 item 4). Without ``max_pixels`` PIL's guard applies (corpus images)."""
     import warnings
-
-    from PIL import Image
 
     if max_pixels is None:
         with Image.open(path) as im:
