@@ -2,6 +2,7 @@
 mean-predictor row, consistency of the saved predictions, figures, MLflow logging and bad input."""
 
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from corpus_fixtures import prepared_pipeline
+from imem.checkpoints import safe_load, save
 from imem.data.pairs import similarity
 from imem.errors import ImemError
 from imem.evaluation import evaluate_variant, summarize
@@ -122,6 +124,32 @@ def test_saved_predictions_reproduce_the_metrics(run):
     ids = iva["id"].astype(str).to_numpy()
     for clip, row in ci.items():
         assert first[clip] == ids[np.argmin(dist[row])]
+
+
+def test_best_and_last_rows_come_from_their_own_checkpoints(run, tmp_path):
+    """last.pt replaced by the same model with every decoder's output layer zeroed, so it predicts sigmoid(0) =
+    0.5 for S and VA alike: the last row equals that constant predictor's errors computed by hand from the
+    prepared tables, and the best row stays the trained model's."""
+    model_dir = tmp_path / "cnn"
+    shutil.copytree(run / "models" / "cnn", model_dir)
+    ck = safe_load(model_dir / "last.pt")
+    for decoder in ("sim", "va_image", "va_music"):  # MLPDecoder: the last Linear is layer 8, before the sigmoid
+        for p in ("weight", "bias"):
+            ck["model"][f"{decoder}.8.{p}"].zero_()
+    save(ck, model_dir / "last.pt")
+    evaluate_variant(model_dir, run / "prepare", run / "features", run / "rep" / "stats.json", tmp_path / "eval",
+                     section("evaluate"), track=False, progress=False)
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    test = run / "prepare" / "test"
+    pairs = pd.read_csv(test / "pairs.csv")
+    assert m["last"]["sim_mse"] == pytest.approx(((pairs["score"] - 0.5) ** 2).mean(), abs=1e-6)
+    assert m["last"]["sim_mae"] == pytest.approx((pairs["score"] - 0.5).abs().mean(), abs=1e-6)
+    for side, f in (("image", "images.csv"), ("music", "clips.csv")):
+        va = pd.read_csv(test / f)
+        for dim in ("valence", "arousal"):
+            assert m["last"][f"{side}_{dim}_mse"] == pytest.approx(((va[dim] - 0.5) ** 2).mean(), abs=1e-6)
+    assert m["best"] == pytest.approx(_metrics(run)["best"], abs=1e-6)
+    assert abs(m["best"]["sim_mse"] - m["last"]["sim_mse"]) > 1e-4
 
 
 def test_sim_matrix_matches_pairwise_prediction(run):

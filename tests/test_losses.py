@@ -223,6 +223,18 @@ def test_combination_modes():
     assert restored({"a": torch.tensor(1.0), "b": torch.tensor(8.0)}).item() == pytest.approx(1.25)
 
 
+def test_first_batch_mode_is_the_weighted_mean_of_the_normalised_losses():
+    """Thesis eq. 3.10 with unequal weights: sum_i w_i L_i / L_i^(1) divided by the weight *sum* (3 + 1), not by
+    the number of losses (2), which equal weights cannot tell apart."""
+    fb = LossCombiner("first_batch", {"a": 3.0, "b": 1.0})
+    assert fb({"a": torch.tensor(2.0), "b": torch.tensor(4.0)}).item() == pytest.approx((3 * 1 + 1 * 1) / 4)
+    assert fb({"a": torch.tensor(1.0), "b": torch.tensor(8.0)}).item() == pytest.approx((3 * 0.5 + 1 * 2.0) / 4)
+    # a weight of 0 leaves the loss out of the numerator and the denominator alike
+    drop = LossCombiner("first_batch", {"a": 2.0, "b": 0.0})
+    assert drop({"a": torch.tensor(5.0), "b": torch.tensor(1.0)}).item() == pytest.approx(1.0)
+    assert drop({"a": torch.tensor(2.5), "b": torch.tensor(9.0)}).item() == pytest.approx(0.5)
+
+
 def test_non_finite_loss_stops_with_a_clear_message():
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss: sim = nan"):
         LossCombiner()({"sim": torch.tensor(float("nan")), "cfr": torch.tensor(1.0)})

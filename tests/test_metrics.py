@@ -66,6 +66,18 @@ def test_recall_at_k_and_mrr_by_hand():
     assert m["queries"] == 3 and m["queries_with_relevant"] == 2
 
 
+def test_a_candidate_exactly_at_the_threshold_is_not_relevant():
+    """Relevant means S > threshold (strictly): the top candidate's S equals the threshold, so the first relevant
+    one is at rank 2 for the ranking metrics and for the random-ranking expectations (1 of 3 relevant)."""
+    scores, truth = np.array([[0.9, 0.5, 0.1]]), np.array([[0.7, 0.8, 0.2]])
+    r = retrieval(scores, truth, threshold=0.7, ks=(1, 2))
+    assert (r["r1"], r["r2"], r["mrr"], r["queries_with_relevant"]) == (0.0, 1.0, 0.5, 1)
+    rnd = random_ranking(truth, 0.7, ks=(1,))
+    assert rnd["r1"] == pytest.approx(1 / 3) and rnd["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    # nothing above the threshold: the query has no relevant candidate at all
+    assert retrieval(scores, np.array([[0.7, 0.7, 0.2]]), threshold=0.7)["queries_with_relevant"] == 0
+
+
 def test_first_relevant_rank_breaks_ties_by_candidate_order():
     ranks = ranks_of_first_relevant(np.array([[0.5, 0.5, 0.5], [0.1, 0.2, 0.3]]),
                                     np.array([[False, True, False], [False, False, False]]))

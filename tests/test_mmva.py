@@ -73,6 +73,51 @@ def test_random_matching_differs_per_step_and_is_reproducible():
     assert len(i) == 8 and int(i.max()) < 3
 
 
+def test_clip_indices_are_drawn_from_the_clips_not_derived_from_the_images():
+    """Clips are drawn over all ``n_clips``, independently of the images: far more clips than images, so clip
+    indices derived from image indices (``ii % n_clips``) would never pass ``n_images`` nor vary on their own."""
+    g = torch.Generator().manual_seed(5)
+    draws = [mmva.random_batch(g, 10, 400, 8) for _ in range(60)]
+    clips = torch.cat([c for _, c in draws])
+    assert int(clips.max()) >= 300 and len(set(clips.tolist())) > 200  # 480 draws of 400: ~280 distinct expected
+    # independent of the image drawn at the same position: the same image index meets many different clips
+    partners = {}
+    for i, c in draws:
+        for a, b in zip(i.tolist(), c.tolist(), strict=True):
+            partners.setdefault(a, set()).add(b)
+    assert all(len(v) > 20 for v in partners.values())
+
+
+def test_training_targets_are_eq1_of_each_drawn_image_and_clip(monkeypatch):
+    """Every training step's targets, recomputed by hand from the step's draw: S = exp(-||VA_I - VA_M|| / sigma)
+    (CDCML eq. 1, the S of MMVA's random matching) of the batch's image and *clip*, and their own VA. Image VA lies in [0, 0.4]
+    and music VA in [0.6, 1], so a target taken from the wrong table cannot match."""
+    from imem.methods.base import RunContext
+
+    seen = []
+    real = mmva.mmva_losses
+    monkeypatch.setattr(mmva, "mmva_losses", lambda out, target, *a: seen.append(
+        {k: v.detach().clone() for k, v in target.items()}) or real(out, target, *a))
+    g = torch.Generator().manual_seed(0)
+    n_img, n_clip, sigma, steps, batch = 12, 30, 0.3, 3, 8
+    va_i = torch.rand(n_img, 2, generator=g) * 0.4
+    va_m = 0.6 + torch.rand(n_clip, 2, generator=g) * 0.4
+    sets = {s: {"x": {"image": torch.randn(n_img, 6, generator=g), "music": torch.randn(n_clip, 5, generator=g),
+                      "text": torch.randn(n_clip, 4, generator=g)}, "va": {"image": va_i, "music": va_m}}
+            for s in ("train", "val")}
+    cfg = mmva.config({"seed": 7, "device": "cpu", "epochs": 1, "steps_per_epoch": steps, "batch_size": batch,
+                       "embed_dim": 8, "hidden": [8, 8]})
+    mmva.train(cfg, sets, sigma, RunContext(progress=False))
+    gen = torch.Generator().manual_seed(7)  # the training loop's generator: one random_batch per step
+    for step in range(steps):
+        ii, cc = mmva.random_batch(gen, n_img, n_clip, batch)
+        t = seen[step]
+        d = np.sqrt(((va_i[ii].numpy().astype(np.float64) - va_m[cc].numpy()) ** 2).sum(axis=1))
+        np.testing.assert_allclose(t["sim"].numpy(), np.exp(-d / sigma), rtol=1e-5)
+        assert torch.equal(t["va_image"], va_i[ii]) and torch.equal(t["va_music"], va_m[cc])
+        assert torch.equal(t["va_text"], va_m[cc])  # a clip's caption carries its clip's VA
+
+
 # --- text -> music metrics --------------------------------------------------------------------------------
 
 def test_t2m_metrics_on_a_hand_made_matrix():
