@@ -8,6 +8,12 @@ so a crafted ``.pt`` whose pickle would call ``os.system`` is refused instead of
 
 ``best.pt`` holds {model, config, epoch}; ``last.pt`` the whole Trainer state (which includes model and
 config too). Used by training (resume), evaluation and user-side inference.
+
+A *trained-part* checkpoint (what a tuning trial logs to MLflow, issue 22) is a ``best.pt`` without the tensors
+of its frozen backbones: {model (heads and decoders only), config, epoch, backbones}, where ``backbones`` maps
+each left-out backbone (``image_backbone``, ``music_backbone`` or ``backbone``) to the sha256 of its tensors.
+Frozen backbones are what the config builds (the pretrained file, else the initialisation drawn from
+``seed``), so :func:`restore_backbones` rebuilds them and refuses weights whose hash differs.
 """
 
 from __future__ import annotations
@@ -122,3 +128,62 @@ def read_checkpoint(path: str | Path, keys: tuple[str, ...] = ("model", "config"
         raise ImemError(f"{path}: the checkpoint's config lacks {', '.join(repr(k) for k in missing)}: "
                         "not a complete imem checkpoint")
     return ck
+
+
+# --- trained-part checkpoints (frozen backbones left out) -------------------------------------------------
+
+BACKBONES = ("image_backbone", "music_backbone", "backbone")  # MatchingModel's and UnimodalModel's attributes
+
+
+def state_sha256(state: dict) -> str:
+    """sha256 over a state dict's names, shapes, dtypes and bytes, in name order: equal weights, equal hash,
+    whatever file or run they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _split(state: dict) -> dict[str, dict]:
+    """``state`` by backbone (``BACKBONES``) and ``""`` for everything after them."""
+    out: dict[str, dict] = {}
+    for k, v in state.items():
+        top = k.split(".", 1)[0]
+        out.setdefault(top if top in BACKBONES else "", {})[k] = v
+    return out
+
+
+def trained_part(ck: dict) -> dict:
+    """``ck`` ({model, config, epoch}) without its backbones' tensors: for a model whose backbones were frozen
+    (``fc_only``), the heads and decoders are all that training changed. ``backbones`` records each left-out
+    backbone's :func:`state_sha256`."""
+    parts = _split(ck["model"])
+    return {**{k: v for k, v in ck.items() if k != "model"}, "model": parts.get("", {}),
+            "backbones": {name: state_sha256(parts[name]) for name in BACKBONES if name in parts}}
+
+
+def restore_backbones(ck: dict, model: torch.nn.Module, path: str | Path) -> None:
+    """Load a checkpoint into ``model``; for a trained-part checkpoint (:func:`trained_part`), ``model``'s own
+    backbones (built from the config) must hash as the ones it was trained with, else one error line."""
+    left_out = ck.get("backbones") or {}
+    if left_out:
+        mine = _split(model.state_dict())
+        for name, digest in left_out.items():
+            if state_sha256(mine.get(name, {})) != digest:
+                cfg = ck["config"]
+                side = {"image_backbone": "image", "music_backbone": "music"}.get(
+                    name, str(cfg.get("kind", "")).removeprefix("unimodal_"))
+                spec = cfg.get(f"{side}_encoder", {})
+                origin = (f"the pretrained file {spec.get('pretrained')}" if isinstance(spec, dict) and spec.get("pretrained")
+                          else f"seed {cfg.get('seed')}")
+                raise ImemError(f"{path}: a trained-part checkpoint (frozen backbones left out): the {name} rebuilt from "
+                                f"{origin} differs from the one it was trained with (sha256 {digest[:12]}...); "
+                                "it needs the same pretrained file and imem version")
+    missing, unexpected = model.load_state_dict(ck["model"], strict=not left_out)
+    stray = [k for k in missing if k.split(".", 1)[0] not in left_out] + list(unexpected)
+    if stray:
+        raise ImemError(f"{path}: the weights do not fit variant {ck['config'].get('variant')!r}: "
+                        f"{'missing' if missing else 'unexpected'} {stray[0]!r}")
+

@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="valence-arousal of image and audio files (long audio: per 2-s window + mean)")
     pr.add_argument("files", nargs="+", help="image/audio files or directories of them")
     pr.add_argument("--model", default="models/cnn",
-                    help="a training output dir (best.pt) or an MLflow URI runs:/<id>/model, models:/<name>/<version>")
+                    help="a training output dir (best.pt), a checkpoint file, or an MLflow URI runs:/<id>/model (a tuning "
+                         "trial: runs:/<id>/checkpoints/best.pt), models:/<name>/<version>")
     pr.add_argument("--hop", type=float, help="seconds between audio windows (default: the clip length, 2 s)")
     pr.add_argument("--out", help="also write the table as CSV to this file")
     pr.add_argument("--params", default="params.yaml", help="params file (features.image_size)")

@@ -22,7 +22,6 @@ embeddings (see docs/retrieval.md for why).
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from imem.checkpoints import read_checkpoint
+from imem.checkpoints import read_checkpoint, restore_backbones, state_sha256
 from imem.errors import ImemError
 from imem.features.store import FeatureStore, cut_clip, load_image, read_audio, resample, to_int16
 from imem.models.matching import MatchingModel, build_model
@@ -102,12 +101,7 @@ class LoadedModel:
 def weights_key(model: torch.nn.Module) -> str:
     """sha256 over the state dict (names, shapes, dtypes, bytes): equal weights, equal key, whatever the
     file or MLflow run they came from."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return state_sha256(model.state_dict())
 
 
 def _local_weights(cfg: dict) -> dict:
@@ -126,11 +120,16 @@ def _from_checkpoint(path: Path, source: str) -> LoadedModel:
     ck = read_checkpoint(path)
     cfg = ck["config"]
     try:
-        model = build_model(_local_weights(cfg))
+        # a trained-part checkpoint's frozen backbones are rebuilt as training built them: from the pretrained
+        # file, else drawn from the config's seed (imem.training.Trainer), without touching the caller's RNG
+        with torch.random.fork_rng(devices=[]):
+            if ck.get("backbones"):
+                torch.manual_seed(int(cfg["seed"]))
+            model = build_model(_local_weights(cfg))
     except KeyError as exc:
         raise ImemError(f"{path}: the checkpoint's config lacks {exc.args[0]!r}: not a complete imem checkpoint") from exc
     try:
-        model.load_state_dict(ck["model"])
+        restore_backbones(ck, model, path)
     except RuntimeError as exc:
         raise ImemError(f"{path}: the weights do not fit variant {cfg.get('variant')!r}: "
                         f"{str(exc).splitlines()[1 if len(str(exc).splitlines()) > 1 else 0].strip()}") from exc
@@ -414,7 +413,8 @@ def predict(items: list[str | Path], predictor: Predictor) -> pd.DataFrame:
             rows.append({"file": str(p), "type": "image", "window": "", "start_s": np.nan, "end_s": np.nan,
                          "valence": v, "arousal": a})
     audio = [p for p, k in files if k == "audio"]
-    for w in tqdm(predictor.embed_audio_files(audio), total=len(audio), desc="audio files", unit="file",
+    # no audio, no music side needed: an image-only model predicts images (its config has no music encoder)
+    for w in tqdm(predictor.embed_audio_files(audio) if audio else [], total=len(audio), desc="audio files", unit="file",
                   disable=not predictor.progress or len(audio) < 2):
         p = w.path
         for i, (s, (v, a)) in enumerate(zip(w.starts.tolist(), w.va.tolist(), strict=True)):

@@ -220,6 +220,35 @@ def test_mlflow_model_uri_predicts_like_the_checkpoint(pipeline, tmp_path, monke
         load_model("runs:/0123abc/model")
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_trained_part_checkpoint_rebuilds_its_frozen_backbones(pipeline, tmp_path, variant):
+    """A checkpoint without its frozen backbones (what a tuning trial logs, issue 22) loads into the very
+    weights training used: the backbones rebuilt from the config's seed hash as recorded, the whole model
+    equals the full checkpoint's, and predictions are identical; the caller's RNG is left alone."""
+    from imem.checkpoints import BACKBONES, read_checkpoint, save, trained_part
+
+    full_path = pipeline / "models" / variant / "best.pt"
+    part = trained_part(read_checkpoint(full_path))
+    assert part["backbones"] and set(part["backbones"]) <= set(BACKBONES)
+    assert not [k for k in part["model"] if k.split(".", 1)[0] in BACKBONES]
+    save(part, tmp_path / "part.pt")
+    assert (tmp_path / "part.pt").stat().st_size < full_path.stat().st_size / 5  # heads and decoders only
+    rng = torch.get_rng_state()
+    full, rebuilt = load_model(full_path), load_model(tmp_path / "part.pt")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert rebuilt.key == full.key  # every tensor, the backbones' included
+    image = _images(pipeline)["path"].iloc[0]
+    a, b = (predict([image], Predictor(m, image_size=IMAGE_SIZE, progress=False)) for m in (full, rebuilt))
+    np.testing.assert_array_equal(a[["valence", "arousal"]], b[["valence", "arousal"]])
+    # a backbone that does not rebuild as recorded (another seed, a changed pretrained file) is refused
+    name = next(iter(part["backbones"]))
+    save({**part, "config": {**part["config"], "seed": part["config"]["seed"] + 1}}, tmp_path / "other_seed.pt")
+    with pytest.raises(ImemError, match=rf"other_seed.pt: a trained-part checkpoint .* the {name} rebuilt from "
+                                        rf"seed {part['config']['seed'] + 1} differs") as e:
+        load_model(tmp_path / "other_seed.pt")
+    assert "\n" not in str(e.value)
+
+
 def test_large_images_load_and_only_giant_ones_are_refused(tmp_path, monkeypatch):
     """PIL's decompression-bomb guard is replaced by imem.inference.MAX_IMAGE_PIXELS for user images (they
     are downscaled at once), exactly at that limit and by the header's dimensions, before decoding (issue 16
