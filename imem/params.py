@@ -192,6 +192,7 @@ class Tune(_Section):
     heartbeat_interval: Int = _f(10, ge=1)
     grace_period: Int = _f(30, ge=1)
     max_retry: Int = _f(2, ge=0)
+    log_checkpoints: Str = "best"
     space: Space = Space()
 
 

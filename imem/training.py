@@ -44,6 +44,7 @@ from imem.features.store import (
 )
 from imem.io import file_sha256, write_csv, write_json
 from imem.losses import LOSS_NAMES, LossCombiner, LossSettings, NonFiniteLoss, cdcml_losses, mse, va_mse
+from imem.metrics import regression
 from imem.models.matching import MatchingModel, build_model
 
 KINDS = ("matching", "unimodal_image", "unimodal_music")
@@ -519,6 +520,27 @@ class Trainer:
                                             float(mse(torch.full_like(va[:, j], float(va_tr[:, j].mean())), va[:, j])))
         return rep
 
+    def error_table(self, split: str) -> pd.DataFrame:
+        """Per target (sim, then each side's valence and arousal): MSE and MAE of the model and of the mean
+        predictor (training-set means) on ``split``, as evaluation's regression table reports them."""
+        tr, d = self.data["train"], self.data[split]
+        targets = []
+        if self.kind == "matching":
+            targets.append(("sim", self.predict_sim(d), d.score, float(tr.score.mean())))
+        for side in self.sides:
+            rows, va = getattr(d, f"items_{side}")
+            _, va_tr = getattr(tr, f"items_{side}")
+            pred = self.predict_va(side, rows)
+            targets += [(f"{side}_{dim}", pred[:, j], va[:, j], float(va_tr[:, j].mean()))
+                        for j, dim in enumerate(("valence", "arousal"))]
+        out = []
+        for name, pred, true, mean in targets:
+            true = true.double().cpu().numpy()
+            model, base = regression(pred.double().cpu().numpy(), true), regression(np.full_like(true, mean), true)
+            out.append({"split": split, "target": name, "mse": model["mse"], "mae": model["mae"],
+                        "mean_predictor_mse": base["mse"], "mean_predictor_mae": base["mae"]})
+        return pd.DataFrame(out)
+
     # --- checkpoints -----------------------------------------------------------------------------------
 
     def state(self) -> dict:
@@ -587,15 +609,18 @@ def _module_device(m: torch.nn.Module) -> str:
 
 def train_variant(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, model_dir: str | Path,
                   report_dir: str | Path, resume: bool = False, stop_after: int | None = None,
-                  track: bool = True, progress: bool = True, on_epoch=None, cache_memo: dict | None = None) -> dict:
+                  track: bool = True, progress: bool = True, on_epoch=None, cache_memo: dict | None = None,
+                  on_finish=None) -> dict:
     """Train one variant end to end; returns the final report. ``stop_after``: leave after that many
     epochs of this call (an interruption, for resume tests). ``on_epoch(row)``: a hook (Optuna pruning).
-    ``cache_memo``: see :meth:`Trainer.build_cache`. Under torchrun only rank 0 writes, logs and calls
-    ``on_epoch``; if the hook raises there, every rank stops."""
+    ``cache_memo``: see :meth:`Trainer.build_cache`. ``on_finish(trainer, report)``: called once a run has
+    finished its epochs, with the best checkpoint's weights loaded (a tuning trial logs its tables and
+    checkpoint). Under torchrun only rank 0 writes, logs and calls the hooks; if ``on_epoch`` raises there,
+    every rank stops."""
     with ddp.session(_device(cfg["device"])):
         main = ddp.is_main()
         return _train(cfg, Path(prepare_dir), Path(features_dir), Path(model_dir), Path(report_dir), resume,
-                      stop_after, track and main, progress and main, on_epoch, cache_memo, main)
+                      stop_after, track and main, progress and main, on_epoch, cache_memo, main, on_finish)
 
 
 def train_seeds(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, model_dir: str | Path,
@@ -633,7 +658,7 @@ def train_seeds(cfg: dict, prepare_dir: str | Path, features_dir: str | Path, mo
 
 
 def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_after, track, progress, on_epoch,
-           cache_memo, main) -> dict:
+           cache_memo, main, on_finish=None) -> dict:
     trainer = Trainer(cfg, prepare_dir, features_dir, progress)
     last = model_dir / "last.pt"
     if resume and last.is_file():
@@ -705,6 +730,8 @@ def _train(cfg, prepare_dir, features_dir, model_dir, report_dir, resume, stop_a
             write_json(report_dir / "metrics.json", report)
             if track:
                 _finish_run(trainer, report, model_dir, report_dir)
+            if on_finish is not None:
+                on_finish(trainer, report)
         if trainer.dist:
             ddp.barrier()
     return report

@@ -21,12 +21,19 @@
 * MLflow: one parent run per study (experiment ``imem-tune``; its id is kept in the study's user
   attributes so every worker nests under it) and one nested run per trial with the trial's parameters,
   per-epoch metrics, the final value and its state (tag ``optuna.state``; a pruned trial's run ends KILLED).
-  The trial keeps the run id in its user attribute ``mlflow_run_id``. Workers on several machines need
+  The trial keeps the run id in its user attribute ``mlflow_run_id``. A complete trial's run also logs its
+  validation MSE/MAE table (``val_errors.json`` via ``log_table``, and ``val_errors.md``) and, with
+  ``tune.log_checkpoints: best``, its best checkpoint as ``checkpoints/best.pt`` (frozen backbones left out:
+  heads and decoders only, :func:`imem.checkpoints.trained_part`), so ``imem predict --model
+  runs:/<run id>/checkpoints/best.pt`` uses the trial's model without retraining; a pruned trial's run is
+  tagged ``optuna.pruned_reason``. After every trial, under the claim lock, the parent run gets the finished
+  trials' rows appended to its ``trials.json`` table and Optuna's figures (``figures/``: optimization history,
+  parameter importances, slice, parallel coordinates) redrawn. Workers on several machines need
   one shared ``MLFLOW_TRACKING_URI`` (an ``mlflow server``); without it a worker that cannot find the
   parent run warns and opens its own.
 * Output: ``reports/tune/best_params.yaml`` (the best trial as params.yaml keys, plus the settings that
-  one-value lists of ``tune.space`` fix, and the ``dvc exp run -S``
-  command that promotes them; params.yaml itself is never rewritten) and ``reports/tune/trials.csv``.
+  one-value lists of ``tune.space`` fix, the ``dvc exp run -S`` command that promotes them, and the MLflow
+  URI of the best trial's checkpoint; params.yaml itself is never rewritten) and ``reports/tune/trials.csv``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import yaml
 from optuna.trial import TrialState
 
@@ -64,6 +72,8 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="imem.tuning")
 warnings.filterwarnings("ignore", message=r"Argument ``(heartbeat_interval|grace_period)`` is an experimental")
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+CHECKPOINT_MODES = ("best", "none")  # tune.log_checkpoints
+CHECKPOINT_ARTIFACT = "checkpoints/best.pt"  # where a trial's run keeps its model (what imem predict reads)
 
 
 # --- storage --------------------------------------------------------------------------------------------
@@ -373,6 +383,9 @@ class Tuner:
         if self.p["objective"] not in (*LOSS_NAMES, "total"):
             raise ImemError(f"params: tune.objective = {self.p['objective']!r} is not one of: "
                             f"{', '.join((*LOSS_NAMES, 'total'))}")
+        if self.p["log_checkpoints"] not in CHECKPOINT_MODES:
+            raise ImemError(f"params: tune.log_checkpoints = {self.p['log_checkpoints']!r} is not one of: "
+                            f"{', '.join(CHECKPOINT_MODES)}")
         self.base = variant_config(train_params, self.p["variant"])
         self.base["epochs"] = int(self.p["epochs"])
         self.prepare_dir, self.features_dir = Path(prepare_dir), Path(features_dir)
@@ -383,6 +396,7 @@ class Tuner:
         self.storage, self.study = open_study(self.url, self.p, self.study_name, track)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.cache_memo: dict = {}  # frozen-backbone outputs shared by this worker's trials (same backbone)
+        self.parent_run_id: str | None = None  # the study's MLflow parent run, while this worker tracks
 
     # ----- claiming
     def claim(self) -> optuna.Trial | str | None:
@@ -490,9 +504,10 @@ class Tuner:
                                                        {"study": self.study_name, "storage": _redact(self.url)},
                                                        tags={"optuna.study": self.study_name,
                                                              "imem.pid": SHARED_PID}))
-                run_id = mlflow.active_run().info.run_id
+                run_id = self.parent_run_id = mlflow.active_run().info.run_id
                 yield  # leaving the stack ends the parent run: FINISHED, or FAILED on an error
         finally:
+            self.parent_run_id = None
             if run_id is not None:
                 self._reopen_parent_if_busy(run_id)
 
@@ -519,12 +534,59 @@ class Tuner:
             except optuna.TrialPruned as exc:
                 self.study.tell(trial, state=TrialState.PRUNED)
                 self._say(trial, None, str(exc) or "pruned")
+                self._refresh_parent()
                 return
             except BaseException:
                 self.study.tell(trial, state=TrialState.FAIL)
                 raise
         self.study.tell(trial, value)
         self._say(trial, value, None)
+        self._refresh_parent()
+
+    def _refresh_parent(self) -> None:
+        """The parent run's view of the study, after every trial and under the claim lock (workers finishing
+        together take turns): the rows of newly finished trials appended to its ``trials.json`` table (a
+        finished trial's row never changes; ``log_table`` appends), Optuna's figures redrawn."""
+        if not self.track or self.parent_run_id is None:
+            return
+        import mlflow
+
+        with claim_lock(self.storage, self.url):
+            client = mlflow.tracking.MlflowClient()
+            table = trials_table(self.study, objective_name(self.p))
+            if "trials.json" in {a.path for a in client.list_artifacts(self.parent_run_id)}:
+                logged = mlflow.load_table("trials.json", run_ids=[self.parent_run_id])
+                table = table[~table["number"].isin(logged["number"])]
+            if len(table):
+                mlflow.log_table(table, artifact_file="trials.json", run_id=self.parent_run_id)
+            with scratch_dir("imem-tune-figures-") as tmp:
+                if study_figures(self.study, Path(tmp), objective_name(self.p), int(self.p["seed"])):
+                    client.log_artifacts(self.parent_run_id, tmp, artifact_path="figures")
+
+    def _log_trial(self, trial: optuna.Trial, trainer, report: dict) -> None:
+        """A complete trial's run (the active MLflow run): its validation MSE/MAE table, as a table and as
+        Markdown, and (``tune.log_checkpoints: best``) its best checkpoint, the frozen backbones left out."""
+        import mlflow
+
+        from imem.checkpoints import save, trained_part
+        from imem.evaluation import markdown_table
+
+        table = trainer.error_table("val")
+        mlflow.log_table(table, artifact_file="val_errors.json")
+        with scratch_dir("imem-tune-trial-") as tmp:
+            md = Path(tmp) / "val_errors.md"
+            md.write_text(markdown_table(table, f"Trial {trial.number}: validation errors of the best epoch "
+                                                f"({report['best_epoch']})",
+                                         "mean_predictor: the training split's mean, as in evaluation's tables."))
+            mlflow.log_artifact(str(md))
+            if self.p["log_checkpoints"] == "best":
+                ck = {"model": trainer.model.state_dict(), "config": trainer.cfg, "epoch": int(report["best_epoch"])}
+                path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
+                save(trained_part(ck) if trainer.fc_only else ck, path)
+                mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
+                uri = f"runs:/{mlflow.active_run().info.run_id}/{CHECKPOINT_ARTIFACT}"
+                trial.set_user_attr("model_uri", uri)
+                mlflow.set_tag("imem.model_uri", uri)
 
     def _say(self, trial: optuna.Trial, value: float | None, pruned: str | None) -> None:
         """One line per finished trial (issue 20): k/N of the study, its number, parameters and value, the
@@ -572,7 +634,9 @@ class Tuner:
                     run_id = run.info.run_id
                     trial.set_user_attr("mlflow_run_id", run_id)
                 try:
-                    value, rep = self._fit(cfg, key, on_epoch)
+                    value, rep = self._fit(cfg, key, on_epoch,
+                                           (lambda trainer, report: self._log_trial(trial, trainer, report))
+                                           if self.track else None)
                     state = "COMPLETE"
                     if self.track:
                         import mlflow
@@ -581,9 +645,10 @@ class Tuner:
                                             **{k: float(v) for k, v in rep.items() if k.startswith("val/")}})
                     return value
                 except NonFiniteLoss as exc:
-                    trial.set_user_attr("pruned_reason", str(exc))
+                    self._pruned(trial, str(exc))
                     raise optuna.TrialPruned(str(exc)) from exc
-                except optuna.TrialPruned:
+                except optuna.TrialPruned as exc:
+                    self._pruned(trial, str(exc) or "pruned")
                     raise
                 except BaseException:
                     state = "FAIL"
@@ -600,8 +665,17 @@ class Tuner:
 
                 mlflow.tracking.MlflowClient().set_terminated(run_id, status="KILLED")
 
-    def _fit(self, cfg: dict, key: str, on_epoch) -> tuple[float, dict]:
-        """Train the trial's config in a temporary directory (never models/); the value at the kept epoch."""
+    def _pruned(self, trial: optuna.Trial, why: str) -> None:
+        """Why a trial was pruned: its user attribute and its run's tag ``optuna.pruned_reason``."""
+        trial.set_user_attr("pruned_reason", why)
+        if self.track:
+            import mlflow
+
+            mlflow.set_tag("optuna.pruned_reason", why[:5000])
+
+    def _fit(self, cfg: dict, key: str, on_epoch, on_finish=None) -> tuple[float, dict]:
+        """Train the trial's config in a temporary directory (never models/); the value at the kept epoch.
+        ``on_finish(trainer, report)``: called with the kept epoch's weights loaded (:func:`train_variant`)."""
         values: dict[int, float] = {}
 
         def hook(row: dict) -> None:
@@ -612,7 +686,8 @@ class Tuner:
             _share_config(cfg)
         with scratch_dir("imem-tune-") as tmp:
             rep = train_variant(cfg, self.prepare_dir, self.features_dir, Path(tmp) / "model", Path(tmp) / "report",
-                                track=False, progress=self.progress, on_epoch=hook, cache_memo=self.cache_memo)
+                                track=False, progress=self.progress, on_epoch=hook, cache_memo=self.cache_memo,
+                                on_finish=on_finish)
         value = values[rep["best_epoch"]]
         if not math.isfinite(value):
             raise optuna.TrialPruned(f"{key} = {value}")
@@ -628,6 +703,55 @@ class Tuner:
                 "pruned": count[TrialState.PRUNED], "failed": count[TrialState.FAIL],
                 "best": None if best is None else {"number": best.number, "value": best.value,
                                                    "params": dict(best.params)}}
+
+
+# --- the study's table and figures (MLflow parent run) --------------------------------------------------
+
+def trials_table(study: optuna.Study, objective: str) -> pd.DataFrame:
+    """One row per finished trial (COMPLETE, PRUNED, FAIL): number, state, the objective's value, each
+    parameter, its MLflow run, its model URI and why it was pruned (empty where none)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        rows.append({"number": t.number, "state": t.state.name, objective: t.value,
+                     **{f"params.{k}": v for k, v in t.params.items()},
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""), "model_uri": t.user_attrs.get("model_uri", ""),
+                     "pruned_reason": t.user_attrs.get("pruned_reason", ""), "worker": t.user_attrs.get("worker", ""),
+                     "duration_s": t.duration.total_seconds() if t.duration is not None else None})
+    return pd.DataFrame(rows, columns=None if rows else ["number", "state", objective])
+
+
+def study_figures(study: optuna.Study, out_dir: Path, objective: str, seed: int) -> list[Path]:
+    """Optuna's own figures of the study (optuna.visualization.matplotlib) as PNGs in ``out_dir``: the
+    optimization history, slice and parallel-coordinate plots once a trial is complete, the parameter
+    importances (fANOVA, seeded) once two are. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.importance import FanovaImportanceEvaluator
+    from optuna.visualization import matplotlib as ovm
+
+    n = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    plots = {"optimization_history": lambda: ovm.plot_optimization_history(study, target_name=objective),
+             "slice": lambda: ovm.plot_slice(study, target_name=objective),
+             "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study, target_name=objective)}
+    if n >= 2:
+        plots["param_importances"] = lambda: ovm.plot_param_importances(
+            study, evaluator=FanovaImportanceEvaluator(seed=seed), target_name=objective)
+    written = []
+    if n < 1:
+        return written
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib: a one-trial axis has equal limits (widened)
+        for name, draw in plots.items():
+            ax = draw()
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            path = out_dir / f"{name}.png"
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            written.append(path)
+    return written
 
 
 # --- the best parameters -------------------------------------------------------------------------------
@@ -657,6 +781,8 @@ def best_params_doc(tuner: Tuner, params_file: str | Path = "params.yaml") -> di
             "epochs_per_trial": int(tuner.p["epochs"]), "trials": {k: s[k] for k in ("complete", "pruned", "failed")},
             "best_trial": s["best"]["number"], "best_value": s["best"]["value"],
             "mlflow_run_id": best_trial.user_attrs.get("mlflow_run_id"),
+            # the trial's own model, usable without retraining (tune.log_checkpoints: best, tracked studies)
+            "model_uri": best_trial.user_attrs.get("model_uri"),
             "params": keys, "promote": "dvc exp run " + " ".join(f"-S {x}" for x in sets)}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,7 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 from pg import pg_bindir, postgres_server
@@ -146,6 +149,170 @@ def test_nested_mlflow_runs_one_per_trial(study):
     assert parents[0].data.tags["best.trial"] == str(study["study"].best_trial.number)
 
 
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id, path)}
+
+
+@pytest.mark.slow
+def test_each_trial_run_logs_its_error_table_and_checkpoint_or_why_it_was_pruned(study):
+    """Issue 22: a complete trial's run holds its validation MSE/MAE table (log_table and Markdown) and its best
+    checkpoint without the frozen backbones; a pruned trial's run says why. The table's mean-predictor errors
+    are recomputed by hand from the prepared CSVs; its model errors equal the MSEs training logged."""
+    import mlflow
+
+    mlflow.set_tracking_uri(study["uri"])
+    client = mlflow.tracking.MlflowClient()
+    prep = study["dir"] / "prepare"
+    tr_pairs, val_pairs = pd.read_csv(prep / "train" / "pairs.csv"), pd.read_csv(prep / "val" / "pairs.csv")
+    for t in study["study"].get_trials():
+        run_id = t.user_attrs["mlflow_run_id"]
+        run = client.get_run(run_id)
+        if t.state == TrialState.PRUNED:
+            assert run.data.tags["optuna.pruned_reason"] == t.user_attrs["pruned_reason"]
+            assert "checkpoints" not in _artifacts(client, run_id) and "model_uri" not in t.user_attrs
+            continue
+        assert {"val_errors.json", "val_errors.md", "checkpoints"} <= _artifacts(client, run_id)
+        table = mlflow.load_table("val_errors.json", run_ids=[run_id]).set_index("target")
+        assert list(table.index) == ["sim", "image_valence", "image_arousal", "music_valence", "music_arousal"]
+        sim = table.loc["sim"]
+        base = val_pairs["score"] - tr_pairs["score"].mean()
+        assert sim["mean_predictor_mse"] == pytest.approx((base ** 2).mean(), abs=1e-6)
+        assert sim["mean_predictor_mae"] == pytest.approx(base.abs().mean(), abs=1e-6)
+        for target in table.index:
+            assert table.loc[target, "mse"] == pytest.approx(run.data.metrics[f"val/{target}_mse"], abs=1e-6)
+        assert 0 < sim["mae"] ** 2 <= sim["mse"] + 1e-12  # MAE^2 <= MSE (Jensen)
+        md = Path(client.download_artifacts(run_id, "val_errors.md", str(study["dir"] / f"md{t.number}")))
+        text = md.read_text()
+        assert text.startswith(f"# Trial {t.number}: validation errors of the best epoch "
+                               f"({int(run.data.metrics['best_epoch'])})")
+        assert "| sim " in text and "mean_predictor_mse" in text
+        uri = f"runs:/{run_id}/checkpoints/best.pt"
+        assert t.user_attrs["model_uri"] == uri and run.data.tags["imem.model_uri"] == uri
+        ck_path = client.download_artifacts(run_id, "checkpoints/best.pt", str(study["dir"] / f"ck{t.number}"))
+        ck = torch.load(ck_path, weights_only=True)
+        assert set(ck["backbones"]) == {"image_backbone", "music_backbone"}  # fc_only: heads and decoders only
+        assert not [k for k in ck["model"] if "backbone" in k.split(".", 1)[0]]
+        assert ck["config"]["lr"] == pytest.approx(t.params["lr"]) and ck["epoch"] == run.data.metrics["best_epoch"]
+
+
+@pytest.mark.slow
+def test_the_parent_run_holds_the_trials_table_and_optunas_figures(study):
+    import mlflow
+
+    mlflow.set_tracking_uri(study["uri"])
+    client = mlflow.tracking.MlflowClient()
+    parent = study["study"].user_attrs["mlflow_parent_run_id"]
+    assert "trials.json" in _artifacts(client, parent)
+    table = mlflow.load_table("trials.json", run_ids=[parent]).set_index("number")
+    trials = study["study"].get_trials()
+    assert sorted(table.index) == [t.number for t in trials]  # each trial once, though refreshed 5 times
+    for t in trials:
+        row = table.loc[t.number]
+        assert row["state"] == t.state.name and row["mlflow_run_id"] == t.user_attrs["mlflow_run_id"]
+        assert row["params.lr"] == pytest.approx(t.params["lr"]) and row["params.head"] == t.params["head"]
+        if t.state == TrialState.COMPLETE:
+            assert row["val/sim"] == pytest.approx(t.value) and row["model_uri"] == t.user_attrs["model_uri"]
+        else:
+            assert row["pruned_reason"] == t.user_attrs["pruned_reason"]
+    figures = _artifacts(client, parent, "figures")
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    assert complete >= 1 and figures == {f"figures/{n}.png" for n in ("optimization_history", "slice", "parallel_coordinate")
+                                         + (("param_importances",) if complete >= 2 else ())}
+    for f in figures:
+        png = Path(client.download_artifacts(parent, f, str(study["dir"] / "figs")))
+        width, height = struct.unpack(">II", png.read_bytes()[16:24])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and width > 200 and height > 200
+
+
+def test_study_figures_are_optunas_own_plots_once_trials_are_complete(tmp_path):
+    """History, slice and parallel coordinates from the first complete trial, fANOVA importances from the
+    second (Optuna needs two); nothing before any trial is complete."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    study = optuna.create_study()
+    assert tuning.study_figures(study, tmp_path, "val/sim", 0) == []
+    dists = {"lr": FloatDistribution(1e-4, 1.0, log=True), "head": CategoricalDistribution(["cls", "mean"])}
+    names = []
+    for i, (lr, head) in enumerate(((0.01, "cls"), (0.001, "mean"), (0.1, "cls"), (0.003, "mean"))):
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr, "head": head}, distributions=dists,
+                                                  value=lr * (i + 1)))
+        out = tmp_path / str(i)
+        out.mkdir()
+        names.append(sorted(p.name for p in tuning.study_figures(study, out, "val/sim", 0)))
+        assert sorted(p.name for p in out.iterdir()) == names[-1]
+    assert names[0] == ["optimization_history.png", "parallel_coordinate.png", "slice.png"]
+    assert names[1] == names[3] == ["optimization_history.png", "parallel_coordinate.png", "param_importances.png",
+                                    "slice.png"]
+    for f in (tmp_path / "3").iterdir():
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_the_best_trial_predicts_from_its_run_without_retraining(study):
+    """best_params.yaml names the best trial's checkpoint URI; `imem predict --model <uri>` on the val images'
+    files reproduces the image valence MSE the trial's table reports (raw files, not the feature store)."""
+    import mlflow
+
+    from imem.cli import main as cli
+
+    doc = yaml.safe_load((study["dir"] / "reports" / "best_params.yaml").read_text())
+    best = study["study"].best_trial
+    assert doc["model_uri"] == f"runs:/{best.user_attrs['mlflow_run_id']}/checkpoints/best.pt"
+    images = pd.read_csv(study["dir"] / "prepare" / "val" / "images.csv")
+    out = study["dir"] / "predicted.csv"
+    params = study["dir"] / "predict_params.yaml"
+    params.write_text("features:\n  image_size: 32\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", study["uri"])
+        mp.chdir(study["dir"])
+        cli(["predict", *images["path"], "--model", doc["model_uri"], "--out", str(out), "--params", str(params),
+             "--quiet"])
+    pred = pd.read_csv(out)
+    mse = float(((pred["valence"].to_numpy() - images["valence"].to_numpy()) ** 2).mean())
+    mlflow.set_tracking_uri(study["uri"])
+    table = mlflow.load_table("val_errors.json", run_ids=[best.user_attrs["mlflow_run_id"]]).set_index("target")
+    assert mse == pytest.approx(table.loc["image_valence", "mse"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_sqlite_workers_share_one_trials_table_and_figures(tiny, tmp_path):
+    """Two workers on one SQLite study of 3 trials: the parent's table holds each trial once, every complete
+    trial has its checkpoint; with tune.log_checkpoints: none no checkpoint is logged."""
+    import mlflow
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("OPTUNA_STORAGE", None)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    workers = [_worker(tiny, storage, 3, env, name="sq") for _ in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    st = optuna.load_study(study_name="sq", storage=storage)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.tracking.MlflowClient()
+    parent = st.user_attrs["mlflow_parent_run_id"]
+    table = mlflow.load_table("trials.json", run_ids=[parent])
+    assert sorted(table["number"]) == [t.number for t in st.get_trials()] and len(table) == 3
+    assert {"figures/optimization_history.png", "figures/slice.png"} <= _artifacts(client, parent, "figures")
+    for t in st.get_trials(states=(TrialState.COMPLETE,)):
+        assert "checkpoints/best.pt" in _artifacts(client, t.user_attrs["mlflow_run_id"], "checkpoints")
+    # off switch: one more trial with log_checkpoints none
+    p = {**section("tune", path=tiny / "params.yaml"), "n_trials": 1, "log_checkpoints": "none"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+        tuner = Tuner(p, section("train", path=tiny / "params.yaml"), tiny / "prepare", tiny / "features",
+                      storage=storage, study_name="sq-none", progress=False)
+        tuner.study.enqueue_trial({"lr": 0.01, "head": "cls", "margin": 2.0, "loss_mode": "sum", "batch_size": 16})
+        tuner.run()
+    (t,) = tuner.study.get_trials()
+    assert t.state == TrialState.COMPLETE and "model_uri" not in t.user_attrs
+    assert "checkpoints" not in _artifacts(client, t.user_attrs["mlflow_run_id"])
+    assert "val_errors.json" in _artifacts(client, t.user_attrs["mlflow_run_id"])
+    with pytest.raises(ImemError, match=r"tune.log_checkpoints = 'all' is not one of: best, none"):
+        Tuner({**p, "log_checkpoints": "all"}, section("train", path=tiny / "params.yaml"), tiny / "prepare",
+              tiny / "features", storage=storage, study_name="sq-bad", track=False)
+
+
 @pytest.mark.slow
 def test_optuna_cli_and_dashboard_read_the_storage(study):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -234,10 +401,10 @@ def test_bad_tune_params_are_one_clear_error(tiny, tmp_path):
 
 # --- PostgreSQL: several workers, one killed mid-trial ------------------------------------------------------
 
-def _worker(tiny: Path, storage: str, n: int, env: dict) -> subprocess.Popen:
+def _worker(tiny: Path, storage: str, n: int, env: dict, name: str = "pg") -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "imem.cli", "tune", "--params", str(tiny / "params.yaml"),
-                             "--storage", storage, "--study-name", "pg", "--n-trials", str(n), "--prepare", str(tiny / "prepare"),
-                             "--features", str(tiny / "features"), "--out", str(tiny / "pg_reports"), "--quiet"],
+                             "--storage", storage, "--study-name", name, "--n-trials", str(n), "--prepare", str(tiny / "prepare"),
+                             "--features", str(tiny / "features"), "--out", str(tiny / f"{name}_reports"), "--quiet"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -306,6 +473,11 @@ def test_postgres_workers_finish_exactly_n_trials_and_retry_a_killed_workers_tri
     (victim_run,) = [r for r in runs if r.data.tags.get("optuna.trial_number") == str(killed)]
     assert victim_run.info.status == "FAILED" and victim_run.data.tags["optuna.state"] == "FAIL"
     assert all(r.info.run_id == victim_run.info.run_id for r in runs if "imem.killed" in r.data.tags)
+    # the parent's trials table: every trial once (the killed one as FAIL), whichever worker finished it
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    table = mlflow.load_table("trials.json", run_ids=[parents[0].info.run_id])
+    assert sorted(table["number"]) == [t.number for t in trials]
+    assert table.set_index("number").loc[killed, "state"] == "FAIL"
 
 
 def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch, capsys):
@@ -330,7 +502,9 @@ def test_median_pruner_prunes_a_trial_that_is_behind(tiny, tmp_path, monkeypatch
     tuner.run()
     trials = tuner.study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
-    assert "pruned_reason" not in trials[1].user_attrs and list(trials[1].intermediate_values) == [1]
+    assert list(trials[1].intermediate_values) == [1]
+    assert trials[1].user_attrs["pruned_reason"] == ("pruned at epoch 1: val/sim = 0.5, above the median of the "
+                                                     "earlier trials at that epoch")
     assert tuner.study.metric_names == ["val/sim"]
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tune median:")]
     assert len(lines) == 3, lines
