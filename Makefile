@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro repro-check repro-tolerance compare-all imemnet-scale test data lint bench clean-venv
+.PHONY: install repro repro-check repro-tolerance compare-all imemnet-scale test data lint bench plots-template clean-venv
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,16 @@ lint: install
 
 bench: install
 	python benchmarks/bench_pairs.py
+
+# The offline page template of `dvc plots show` (.dvc/plots/offline.html, committed): vega, vega-lite and vega-embed
+# from the npm registry at the versions imem/dvc_plots.py pins, inlined. Needs npm; only after changing a version.
+plots-template: install
+	rm -rf .plots-npm && mkdir -p .plots-npm
+	cd .plots-npm && for pkg in $$($(BIN)/python -c "from imem.dvc_plots import PACKAGES; print(*(f'{n}@{v}' for n, v in PACKAGES.items()))"); do \
+	  name=$${pkg%@*}; npm pack --silent "$$pkg" >/dev/null && mkdir -p "$$name" && tar xzf "$$name-$${pkg#*@}.tgz" -C "$$name" --strip-components=1; \
+	done
+	python -m imem.dvc_plots .plots-npm
+	rm -rf .plots-npm
 
 clean-venv:
 	rm -rf $(VENV)
