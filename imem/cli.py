@@ -77,10 +77,14 @@ def _predict(args: argparse.Namespace) -> None:
     loaded = load_model(args.model)
     predictor = Predictor(loaded, image_size=_image_size(args.params), hop=args.hop, progress=not args.quiet)
     df = predict(args.files, predictor)
+    # printed: without the columns no row fills (an image-only input has no windows); the CSV keeps them all
+    shown = df.loc[:, [c for c in df.columns if not (df[c].isna() | (df[c].astype(str) == "")).all()]]
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
-        print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep=""))
-    print(f"VA on the prepared labels' [0, 1] scale; model {loaded.name}; audio: {predictor.clip_s:g}-s windows "
-          f"every {predictor.hop:g} s, 'mean' = the mean over a file's windows")
+        print(shown.to_string(index=False, float_format=lambda x: f"{x:.4f}", na_rep=""))
+    audio = (df["type"] == "audio").any()
+    print(f"VA on the prepared labels' [0, 1] scale; model {loaded.name}"
+          + (f"; audio: {predictor.clip_s:g}-s windows every {predictor.hop:g} s, 'mean' = the mean over a file's "
+             "windows" if audio else ""))
     if args.out:
         write_csv(args.out, df)
         print(f"wrote {args.out}")

@@ -183,6 +183,13 @@ def test_cli_predict_prints_and_writes_the_table(pipeline, tmp_path, capsys):
     df = pd.read_csv(tmp_path / "pred.csv")
     assert len(df) == 1 + 22 + 1  # the image, 22 windows of the 45-s song, its mean
     assert df["valence"].between(0, 1).all() and df["arousal"].between(0, 1).all()
+    # images only: no blank window columns and no audio footnote on the page; the CSV keeps its columns
+    main(["predict", str(tmp_path / "red.png"), "--model", str(pipeline / "models" / "cnn"), "--params",
+          str(pipeline / "params.yaml"), "--out", str(tmp_path / "img.csv"), "--quiet"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["file", "type", "valence", "arousal"] and "<NA>" not in "\n".join(lines)
+    assert lines[2].startswith("VA on the prepared labels' [0, 1] scale; model ") and "windows" not in lines[2]
+    assert list(pd.read_csv(tmp_path / "img.csv").columns) == list(df.columns[:7])
 
 
 def test_mlflow_model_uri_predicts_like_the_checkpoint(pipeline, tmp_path, monkeypatch):
