@@ -4,6 +4,11 @@ Tracking URI: ``$MLFLOW_TRACKING_URI`` when set (a server, or any store URI), ot
 ``mlflow.db`` at the repository root -- resolved from ``$DVC_ROOT`` (set by DVC inside stages and
 queued experiments), else the git top level, else the working directory -- so that a stage run from
 any working directory logs to the same store. Browse with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+
+Run names (issue 20): the given name plus the DVC experiment (``cnn (exp-3f2a1)``) when ``dvc exp run`` runs the
+stage, else plus the git short sha (``cnn @5d08fda``), so re-runs of one variant can be told apart. Each
+experiment carries a description (MLflow's ``mlflow.note.content`` tag). Evaluation and figures re-open the
+training run (:func:`variant_run`) and then put its end time back: its duration stays the training's.
 """
 
 from __future__ import annotations
@@ -141,6 +146,41 @@ def mark_dead_runs(client, experiment_id: str, keep: tuple[str, ...] = ()) -> li
     return dead
 
 
+# What each experiment holds, shown on its page in the MLflow UI.
+EXPERIMENT_DESCRIPTIONS = {
+    "imem-train": "imem train stages (dvc.yaml train@<variant>): one run per variant and training seed, with "
+                  "per-epoch losses, checkpoints, the val/test MSEs; evaluate@ and visualize@ add the test-split "
+                  "tables, bootstrap intervals and figures to the same run. Numbers on the embedded corpus are "
+                  "generated data, not a reproduction of any paper.",
+    "imem-methods": "The related methods (stage method@<name>: MMVA, Emo-CLIM, CMER-CL; sp_net): one run per "
+                    "method with its losses, results table and bootstrap intervals.",
+    "imem-compare": "The comparison stage: every variant and method in one table (mean +-std over seeds, 95 % "
+                    "bootstrap intervals) and the paired differences.",
+    "imem-tune": "imem tune: one parent run per Optuna study (trials table, Optuna's figures, best value) and a "
+                 "nested run per trial (per-epoch losses, validation MSE/MAE table, best checkpoint).",
+}
+
+
+def set_experiment(name: str):
+    """``mlflow.set_experiment`` that also gives a known experiment its description (once)."""
+    import mlflow
+
+    exp = mlflow.set_experiment(name)
+    text = EXPERIMENT_DESCRIPTIONS.get(name)
+    if text and exp.tags.get("mlflow.note.content") != text:
+        mlflow.tracking.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.note.content", text)
+    return exp
+
+
+def run_label(name: str) -> str:
+    """``name`` plus what tells re-runs apart: the DVC experiment's name, else the git short sha."""
+    exp = os.environ.get("DVC_EXP_NAME", "")
+    if exp:
+        return f"{name} ({exp})"
+    sha = git_commit()
+    return name if sha == "unknown" else f"{name} @{sha[:7]}"
+
+
 @contextlib.contextmanager
 def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None = None,
                nested: bool = False, resume_tags: dict | list[dict] | None = None) -> Iterator[object]:
@@ -154,7 +194,7 @@ def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None =
     try:
         ensure_store(tracking_uri())
         mlflow.set_tracking_uri(tracking_uri())
-        exp = mlflow.set_experiment(experiment)
+        exp = set_experiment(experiment)
         client = mlflow.tracking.MlflowClient()
         found = None
         for alternative in ([resume_tags] if isinstance(resume_tags, dict) else resume_tags or []):
@@ -178,7 +218,7 @@ def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None =
                 "imem.corpus": params.get("corpus", ""), **process_tags()}
     if resume_tags:
         std_tags["imem.resumed"] = "from a checkpoint whose run this store does not hold"
-    with mlflow.start_run(run_name=run_name, nested=nested, tags={**std_tags, **(tags or {})}) as run:
+    with mlflow.start_run(run_name=run_label(run_name), nested=nested, tags={**std_tags, **(tags or {})}) as run:
         flat = {k: v for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):
@@ -197,7 +237,7 @@ def variant_run(variant: str, best_sha256: str, params: dict) -> Iterator[object
     try:
         ensure_store(tracking_uri())
         mlflow.set_tracking_uri(tracking_uri())
-        exp = mlflow.set_experiment("imem-train")
+        exp = set_experiment("imem-train")
         mark_dead_runs(mlflow.tracking.MlflowClient(), exp.experiment_id)  # e.g. a killed earlier evaluation
         found = mlflow.search_runs([exp.experiment_id], output_format="list", max_results=1,
                                    filter_string=f"tags.`imem.variant` = '{variant}' and "
@@ -206,9 +246,12 @@ def variant_run(variant: str, best_sha256: str, params: dict) -> Iterator[object
     except Exception as exc:  # a broken or unreachable store
         raise ImemError(f"MLflow tracking store {tracking_uri()}: {str(exc).splitlines()[0]}") from exc
     if found:
-        with mlflow.start_run(run_id=found[0].info.run_id) as run:
+        before = found[0].info
+        with mlflow.start_run(run_id=before.run_id) as run:
             mlflow.set_tags(process_tags())  # this process now holds the run (a kill leaves it to the next sweep)
             yield run
+        if before.end_time:  # ending the run again set its end time to now: the training's duration stays true
+            mlflow.tracking.MlflowClient().set_terminated(before.run_id, status=before.status, end_time=before.end_time)
         return
     with mlflow_run("imem-train", variant, params, tags={"imem.variant": variant, "imem.best_sha256": best_sha256,
                                                         "imem.run_origin": "evaluate"}) as run:

@@ -473,7 +473,7 @@ class Tuner:
             return
         import mlflow
 
-        from imem.tracking import mlflow_run, tracking_uri
+        from imem.tracking import mlflow_run, set_experiment, tracking_uri
 
         run_id = None
         try:
@@ -490,7 +490,7 @@ class Tuner:
                         self.study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
                 if parent is not None:
                     mlflow.set_tracking_uri(tracking_uri())
-                    mlflow.set_experiment(EXPERIMENT)
+                    set_experiment(EXPERIMENT)
                     try:
                         stack.enter_context(mlflow.start_run(run_id=parent))
                     except mlflow.exceptions.MlflowException as exc:

@@ -220,6 +220,12 @@ def test_results_land_in_the_training_run(run):
                       section("visualize"))
     figs = {a.path for a in client.list_artifacts(r.info.run_id, "figures")}
     assert "figures/embedding_pca.png" in figs and "figures/retrieval_sheet.png" in figs
+    # re-opening the run for evaluation and figures leaves its end time, so its duration stays the training's:
+    # the last epoch's metric was logged before the run ended, the figures after
+    after = client.get_run(r.info.run_id).info
+    assert after.status == "FINISHED" and after.end_time == r.info.end_time
+    last_epoch = max(m.timestamp for m in client.get_metric_history(r.info.run_id, "val/total"))
+    assert last_epoch <= after.end_time < max(m.timestamp for m in client.get_metric_history(r.info.run_id, "test/sim_mse"))
 
 
 def test_without_the_training_run_a_new_run_is_made(run, tmp_path, monkeypatch):

@@ -273,7 +273,9 @@ def test_mlflow_run_records_params_epochs_artifacts_and_a_loadable_model(pipelin
                   progress=False)
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["imem-train"], output_format="list")[0]
-    assert run.info.status == "FINISHED" and run.info.run_name == "transformer_v2"
+    # named so that re-runs differ: the variant and the git short sha (a DVC experiment's name under dvc exp run)
+    assert run.info.status == "FINISHED" and run.info.run_name == f"transformer_v2 @{run.data.tags['git.commit'][:7]}"
+    assert mlflow.get_experiment_by_name("imem-train").tags["mlflow.note.content"].startswith("imem train stages")
     assert run.data.params["image_head"] == "cls" and run.data.params["lr"] == "0.001"
     assert run.data.tags["imem.variant"] == "transformer_v2" and "git.commit" in run.data.tags
     client = mlflow.tracking.MlflowClient()

@@ -128,7 +128,9 @@ def test_nested_mlflow_runs_one_per_trial(study):
     mlflow.set_tracking_uri(study["uri"])
     runs = mlflow.search_runs(experiment_names=["imem-tune"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.run_name == study["name"]
+    assert len(parents) == 1 and parents[0].info.run_name == f"{study['name']} @{parents[0].data.tags['git.commit'][:7]}"
+    assert parents[0].data.tags["optuna.study"] == study["name"]
+    assert "Optuna study" in mlflow.get_experiment_by_name("imem-tune").tags["mlflow.note.content"]
     assert study["study"].user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
     children = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert len(children) == 5
