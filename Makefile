@@ -30,7 +30,7 @@ data: install
 
 repro: data
 	dvc repro
-	@cat reports/evaluate/summary/regression.md reports/evaluate/summary/retrieval.md reports/comparison/comparison.md
+	@imem summary
 
 # The reproducibility contract (README "Reproducibility"): after `make repro`, the data stages equal git's
 # copies byte for byte and every metric lies within reproducibility.yaml's tolerance of the committed value.

@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(fn=_retrieve)
 
+    sm = sub.add_parser("summary", help="the comparison's headline numbers in 100 columns (what `make repro` prints)")
+    sm.add_argument("--comparison", default="reports/comparison/comparison.csv", help="the compare stage's CSV")
+    sm.add_argument("--stats", default="reports/prepare/stats.json", help="the prepare stage's stats (corpus name)")
+    sm.set_defaults(fn=lambda a: print(__import__("imem.summary", fromlist=["compact"]).compact(a.comparison,
+                                                                                                stats=a.stats)))
+
     rp = sub.add_parser("repro", help="the reproducibility contract: check regenerated outputs against git, or "
                         "measure how trained outputs move on another (simulated) CPU")
     rsub = rp.add_subparsers(dest="repro_command", required=True)
