@@ -162,10 +162,31 @@ EXPERIMENT_DESCRIPTIONS = {
 
 
 def set_experiment(name: str):
-    """``mlflow.set_experiment`` that also gives a known experiment its description (once)."""
+    """``mlflow.set_experiment`` that also gives a known experiment its description (once), and, for a SQLite
+    store, keeps artifacts beside the store: a new experiment's artifact root is ``<store folder>/mlruns/<name>``
+    (MLflow's default, ``./mlruns``, follows the working directory of whichever process created it), and an
+    experiment whose root lies outside the store's folder -- a copied or moved checkout's ``mlflow.db`` still
+    names the original's absolute paths -- is refused, since its new runs would write into the other checkout."""
     import mlflow
 
+    uri = tracking_uri()
+    client = mlflow.tracking.MlflowClient()
+    store = Path(uri[len("sqlite:///"):]).resolve().parent if uri.startswith("sqlite:///") else None
+    if store is not None and client.get_experiment_by_name(name) is None:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # a concurrent stage created it first
+            client.create_experiment(name, artifact_location=str(store / "mlruns" / name))
     exp = mlflow.set_experiment(name)
+    loc = exp.artifact_location
+    if store is not None and (loc.startswith("/") or loc.startswith("file:")):
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        where = Path(local_file_uri_to_path(loc)).resolve()
+        if not where.is_relative_to(store):
+            raise ImemError(
+                f"{uri}: experiment {name!r} keeps its artifacts in {where}, outside this store's folder {store}: "
+                "the store was copied or moved from another checkout, so new runs would write there; move this "
+                "checkout's mlflow.db and mlruns/ aside (a fresh store is made) or set MLFLOW_TRACKING_URI "
+                "(docs/training.md, 'A copied checkout')")
     text = EXPERIMENT_DESCRIPTIONS.get(name)
     if text and exp.tags.get("mlflow.note.content") != text:
         mlflow.tracking.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.note.content", text)
@@ -205,6 +226,8 @@ def mlflow_run(experiment: str, run_name: str, params: dict, tags: dict | None =
                 found = hits[0]
                 break
         mark_dead_runs(client, exp.experiment_id, keep=(found.info.run_id,) if found else ())
+    except ImemError:
+        raise
     except Exception as exc:  # a broken or unreachable store
         raise ImemError(f"MLflow tracking store {tracking_uri()}: {str(exc).splitlines()[0]}") from exc
     if found is not None:
@@ -243,6 +266,8 @@ def variant_run(variant: str, best_sha256: str, params: dict) -> Iterator[object
                                    filter_string=f"tags.`imem.variant` = '{variant}' and "
                                                  f"tags.`imem.best_sha256` = '{best_sha256}'",
                                    order_by=["attributes.start_time DESC"])
+    except ImemError:
+        raise
     except Exception as exc:  # a broken or unreachable store
         raise ImemError(f"MLflow tracking store {tracking_uri()}: {str(exc).splitlines()[0]}") from exc
     if found:

@@ -1,5 +1,8 @@
 from pathlib import Path
 
+import pytest
+
+from imem.errors import ImemError
 from imem.tracking import flatten, repo_root, tracking_uri
 
 
@@ -124,3 +127,34 @@ def test_a_dead_pid_kills_a_run_but_never_a_shared_or_active_one(monkeypatch, tm
     assert "pid " + dead in client.get_run(ids["killed"]).data.tags["imem.killed"]
     assert "imem.killed" not in client.get_run(ids["parent"]).data.tags  # not killed, then ended FINISHED
     assert mark_dead_runs(client, exp) == []  # nothing left to judge: the shared run stays RUNNING
+
+
+def test_artifacts_live_beside_the_store_and_a_copied_store_is_refused(monkeypatch, tmp_path):
+    """A new experiment keeps its artifacts in <store folder>/mlruns/<name>, whatever the working directory; a
+    checkout copied with its mlflow.db would log new runs into the original's folder (absolute paths in the
+    store), so imem refuses it in one line naming both folders (issue 20)."""
+    import shutil
+
+    import mlflow
+
+    from imem.tracking import mlflow_run
+
+    first, elsewhere = tmp_path / "checkout", tmp_path / "cwd"
+    first.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's own default root would be ./mlruns here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{first / 'mlflow.db'}")
+    with mlflow_run("imem-train", "cnn", {"corpus": ""}) as run:
+        mlflow.log_text("x", "a.txt")
+    art = Path(mlflow.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://"))
+    assert art.is_relative_to(first / "mlruns" / "imem-train") and (art / "a.txt").is_file()
+    assert not (elsewhere / "mlruns").exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{copy / 'mlflow.db'}")
+    with pytest.raises(ImemError, match=rf"experiment 'imem-train' keeps its artifacts in {first}/mlruns/imem-train, "
+                                        rf"outside this store's folder {copy}: the store was copied") as e:
+        with mlflow_run("imem-train", "cnn", {"corpus": ""}):
+            pass
+    assert "\n" not in str(e.value)
+    assert len(list((first / "mlruns" / "imem-train").iterdir())) == 1  # nothing was written into the original
