@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -811,6 +812,29 @@ def _finish_run(trainer: Trainer, report: dict, model_dir: Path, report_dir: Pat
         mlflow.log_artifact(str(model_dir / f), artifact_path="checkpoints")
     mlflow.log_artifact(str(report_dir / "history.csv"))
     mlflow.log_artifact(str(report_dir / "metrics.json"))
-    import mlflow.pytorch
+    log_pyfunc(model_dir / "best.pt", trainer.store._image_size())
 
-    mlflow.pytorch.log_model(trainer.model.cpu(), name="model", serialization_format="pickle")
+
+def log_pyfunc(checkpoint: Path, image_size: int) -> None:
+    """The active run's ``model/``: the pyfunc of imem/mlflow_model.py (models from code, nothing pickled)
+    with ``checkpoint`` as its artifact; ``mlflow.pyfunc.load_model`` / ``mlflow models serve`` use it. Its
+    signature comes from the model's type hints (a list of file paths in, a list of row dicts out)."""
+    import mlflow
+
+    import imem
+
+    with warnings.catch_warnings():
+        # an input example would be a file of this machine: MLflow's advice to give one does not apply
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided")
+        mlflow.pyfunc.log_model(name="model", python_model=str(Path(imem.__file__).parent / "mlflow_model.py"),
+                                artifacts={"checkpoint": str(checkpoint)}, model_config={"image_size": int(image_size)},
+                                pip_requirements=[f"imem=={imem_version()}"])
+
+
+def imem_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("imem")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0"

@@ -285,10 +285,20 @@ def test_mlflow_run_records_params_epochs_artifacts_and_a_loadable_model(pipelin
         assert name in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoints", "history.csv", "metrics.json"} <= arts
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    ck = torch.load(tmp_path / "m" / "best.pt", weights_only=False)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, ck["model"][k]), k
+    # the logged model is a pyfunc from code (nothing pickled) around best.pt: it predicts like the checkpoint
+    import pandas as pd
+
+    from imem.inference import Predictor, load_model, predict
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    images = list(pd.read_csv(pipeline / "prepare" / "test" / "images.csv")["path"][:3])
+    got = pd.DataFrame(model.predict(images))
+    want = predict(images, Predictor(load_model(tmp_path / "m" / "best.pt"), image_size=32, progress=False))
+    pd.testing.assert_frame_equal(got[["file", "type", "valence", "arousal"]], want[["file", "type", "valence", "arousal"]])
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/MLmodel" in model_files and not [f for f in model_files if f.endswith((".pkl", ".pth"))]
+    with pytest.raises(mlflow.exceptions.MlflowException):  # the signature: a list of strings
+        model.predict([1.5])
 
 
 # --- encoders, heads, pretrained weights -------------------------------------------------------------
