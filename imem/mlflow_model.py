@@ -10,7 +10,7 @@ one per 2-s window and a ``mean`` row (keys file, type, window, start_s, end_s, 
     model = mlflow.pyfunc.load_model("runs:/<run id>/model")
     model.predict(["photo.jpg", "song.wav"])
 
-``mlflow models serve -m runs:/<run id>/model`` serves the same (request ``{"inputs": ["/data/photo.jpg"]}``). Loading a pyfunc runs this file, as every MLflow pyfunc runs its code:
+``mlflow models serve -m runs:/<run id>/model --env-manager local`` (in the imem environment: imem is not on PyPI) serves the same (request ``{"inputs": ["/data/photo.jpg"]}``). Loading a pyfunc runs this file, as every MLflow pyfunc runs its code:
 load models only from a tracking store you trust; ``imem predict --model runs:/...`` reads the checkpoint
 alone.
 """
