@@ -250,3 +250,17 @@ def test_weighted_means_leave_out_undrawn_and_undefined_queries():
     assert got["a"] == pytest.approx((2 * 1.0 + 4.0) / 3) and got["b"] == 2.0
     got = weighted_means(v, np.array([1, 0, 1, 1]))  # b's only defined query not drawn: undefined
     assert math.isnan(got["b"])
+
+
+def test_retrieval_without_spearman_and_binary_relevance_as_gains():
+    """spearman=False leaves rho out (the other metrics unchanged); a boolean truth matrix (binary gains) gives
+    the same expectations as its 0/1 floats, against all rankings."""
+    truth = np.array([[True, False, False, True, False], [False, False, True, False, False]])
+    scores = np.array([[0.1, 0.5, 0.3, 0.2, 0.4], [0.3, 0.1, 0.2, 0.5, 0.4]])
+    full, quick = retrieval(scores, truth, 0.5), retrieval(scores, truth, 0.5, spearman=False)
+    assert "spearman" in full and "spearman" not in quick
+    assert quick == {k: v for k, v in full.items() if k != "spearman"}
+    exact = random_ranking(truth, 0.5, k_ndcg=3, ks=(1, 2))
+    brute = _brute_force_random(truth.astype(float), 0.5, 3, (1, 2))
+    for key in ("ndcg3", "r1", "r2", "mrr"):
+        assert exact[key] == pytest.approx(brute[key], abs=1e-12), key
