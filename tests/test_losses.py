@@ -364,3 +364,54 @@ def test_first_batch_mode_keeps_a_zero_first_value_at_one_and_default_weights():
     edge = LossCombiner("first_batch")
     edge({"a": torch.tensor(1e-12, dtype=torch.float64)})
     assert edge.state_dict()["first"] == {"a": 1.0}
+
+
+def test_cfr_pair_with_plain_distances_and_a_coinciding_pair_by_hand():
+    """``distance: euclidean`` on both sides of eq. 2 (embeddings with the 1e-4 / dim guard, labels with it too,
+    as pairwise_distance applies it), and a pair whose embeddings coincide (D = 0: log(0 + 1e-6), finite)."""
+    from imem.losses import partner_log_ratio
+
+    e = 1e-4  # the guard, 1e-4 / dim with dim = 1
+    fi, fm, yi, ym = ([float(v) for v in t[:, 0]] for t in (FI, FM, YI, YM))
+    plain = 0.0
+    for fa, fb, ya, yb in ((fi, fm, yi, ym), (fm, fi, ym, yi)):
+        for i in range(3):
+            for j in range(3):
+                if j != i:
+                    x = L(math.sqrt((fa[i] - fb[i]) ** 2 + e)) - L(math.sqrt((fa[i] - fb[j]) ** 2 + e))
+                    t = L(math.sqrt((ya[i] - yb[i]) ** 2 + e)) - L(math.sqrt((ya[i] - yb[j]) ** 2 + e))
+                    plain += (x - t) ** 2 / 2
+    got = cfr_loss(FI, FM, YI, YM, LossSettings(cfr="pair", reduction="sum", squared=False)).item()
+    assert got == pytest.approx(plain, rel=1e-5)
+    # the partner's default is the paper's squared distance and the mean over anchors
+    sq_total, sq_mean = _eq2_by_hand(lambda a, p, o: L((a - p) ** 2) - L((a - o) ** 2))
+    half = partner_log_ratio(FI, FM, YI, YM).item() + partner_log_ratio(FM, FI, YM, YI).item()
+    assert half == pytest.approx(sq_mean, rel=1e-5)
+    # image 0 and its music partner at the same point
+    fi0, fm0 = torch.tensor([[0.0], [2.0]]), torch.tensor([[0.0], [1.0]])
+    yi0, ym0 = torch.tensor([[0.1], [0.7]]), torch.tensor([[0.2], [0.3]])
+    img = [((L(0) - L(1)) - (L(0.01) - L(0.04))) ** 2, ((L(1) - L(4)) - (L(0.16) - L(0.25))) ** 2]
+    mus = [((L(0) - L(4)) - (L(0.01) - L(0.25))) ** 2, ((L(1) - L(1)) - (L(0.16) - L(0.04))) ** 2]
+    got = cfr_loss(fi0, fm0, yi0, ym0, LossSettings(cfr="pair", reduction="sum")).item()
+    assert math.isfinite(got) and got == pytest.approx(sum(img) + sum(mus), rel=1e-5)
+
+
+def test_losses_keep_the_embeddings_dtype_and_sigma_the_distances():
+    """float64 VA labels (the batch's) with float32 embeddings: the CFR loss stays float32; sigma_of takes the log
+    of S in the distances' precision and its fallback has their dtype."""
+    y64i, y64m = YI.double(), YM.double()
+    for form in ("pair", "literal"):
+        score = torch.exp(-(y64i - y64m).abs()[:, 0] / 0.3).float()
+        loss = cfr_loss(FI, FM, y64i, y64m, LossSettings(cfr=form), score=score)
+        assert loss.dtype == torch.float32, form
+    s32 = torch.tensor([0.3, 0.55, 0.8])
+    d64 = torch.tensor([0.5, 0.2, 0.1], dtype=torch.float64)
+    want = sum(float(d) / -math.log(float(s)) for d, s in zip(d64, s32, strict=True)) / 3  # float64 logs of the float32 S
+    assert sigma_of(s32, d64).item() == pytest.approx(want, rel=1e-13)
+    assert sigma_of(torch.tensor([1.0]), torch.tensor([0.5], dtype=torch.float64)).dtype == torch.float64
+
+
+def test_contrastive_guard_is_per_embedding_dimension():
+    # coinciding pairs with S = 1: d^2 = 1e-4 / dim each (dim 2, batch 3)
+    got = cfm_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.ones(3), margin=0.0, form="contrastive", reduction="sum")
+    assert got.item() == pytest.approx(3 * 1e-4 / 2, rel=1e-5)
