@@ -415,3 +415,33 @@ def test_contrastive_guard_is_per_embedding_dimension():
     # coinciding pairs with S = 1: d^2 = 1e-4 / dim each (dim 2, batch 3)
     got = cfm_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.ones(3), margin=0.0, form="contrastive", reduction="sum")
     assert got.item() == pytest.approx(3 * 1e-4 / 2, rel=1e-5)
+
+
+def _dense_half_by_brute_force(fa, fb, ya, yb, squared, reduction):
+    """Kim et al.'s dense log-ratio of anchors ``a`` over every neighbour pair j < k of ``b``, from explicit
+    element-wise distances in float64 (the plain form with the 1e-4 / dim guard)."""
+    def dist(u, v):
+        d2 = float(((u.double() - v.double()) ** 2).sum())
+        return d2 if squared else math.sqrt(d2 + 1e-4 / u.shape[-1])
+
+    per_anchor = []
+    for i in range(len(fa)):
+        terms = [((L(dist(fa[i], fb[j])) - L(dist(fa[i], fb[k]))) - (L(dist(ya[i], yb[j])) - L(dist(ya[i], yb[k])))) ** 2
+                 for j in range(len(fb)) for k in range(j + 1, len(fb))]
+        per_anchor.append(sum(terms) / len(terms))
+    return sum(per_anchor) if reduction == "sum" else sum(per_anchor) / len(per_anchor)
+
+
+def test_cfr_dense_adds_both_halves_under_the_settings():
+    """cfr: dense = the image-anchor half + the music-anchor half, each with the settings' distance and
+    reduction; an image coinciding with a music embedding (D = 0) stays finite; float64 labels keep float32."""
+    g = torch.Generator().manual_seed(9)
+    fi, fm = torch.randn(3, 2, generator=g), torch.randn(4, 2, generator=g)
+    fm[1] = fi[0]
+    yi, ym = torch.rand(3, 2, generator=g, dtype=torch.float64), torch.rand(4, 2, generator=g, dtype=torch.float64)
+    for squared, reduction in ((False, "sum"), (True, "sum"), (False, "mean")):
+        want = (_dense_half_by_brute_force(fi, fm, yi, ym, squared, reduction)
+                + _dense_half_by_brute_force(fm, fi, ym, yi, squared, reduction))
+        got = cfr_loss(fi, fm, yi, ym, LossSettings(cfr="dense", reduction=reduction, squared=squared))
+        assert got.dtype == torch.float32 and math.isfinite(got.item())
+        assert got.item() == pytest.approx(want, rel=2e-5), (squared, reduction)
