@@ -445,3 +445,11 @@ def test_cfr_dense_adds_both_halves_under_the_settings():
         got = cfr_loss(fi, fm, yi, ym, LossSettings(cfr="dense", reduction=reduction, squared=squared))
         assert got.dtype == torch.float32 and math.isfinite(got.item())
         assert got.item() == pytest.approx(want, rel=2e-5), (squared, reduction)
+
+
+def test_regression_losses_keep_the_predictions_dtype():
+    # the batch's targets may be float64 (S and VA from the pair tables); the losses stay in the model's float32
+    pred, va = torch.tensor([0.5, 1.0]), torch.tensor([[0.3, 0.4], [0.5, 0.6]])
+    assert mse(pred, torch.tensor([0.0, 1.0], dtype=torch.float64)).dtype == torch.float32
+    assert va_mse(va, torch.zeros(2, 2, dtype=torch.float64)).dtype == torch.float32
+    assert va_mse(va, torch.zeros(2, 2, dtype=torch.float64)).item() == pytest.approx((0.25 + 0.61) / 2)
