@@ -251,8 +251,11 @@ def test_weighted_means_leave_out_undrawn_and_undefined_queries():
     assert weighted_means(v) == {"a": pytest.approx(5.0), "b": 2.0}
     got = weighted_means(v, np.array([2, 5, 1, 0]))  # query 4 not drawn: its 10 does not count
     assert got["a"] == pytest.approx((2 * 1.0 + 4.0) / 3) and got["b"] == 2.0
-    got = weighted_means(v, np.array([1, 0, 1, 1]))  # b's only defined query not drawn: undefined
-    assert math.isnan(got["b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # undefined quietly: no 0 / 0 over zero-weight queries
+        got = weighted_means(v, np.array([1, 0, 1, 1]))  # b's only defined query not drawn: undefined
+        assert math.isnan(got["b"])
+        assert math.isnan(weighted_means({"c": np.array([np.nan, np.nan])})["c"])
 
 
 def test_retrieval_without_spearman_and_binary_relevance_as_gains():
@@ -267,3 +270,17 @@ def test_retrieval_without_spearman_and_binary_relevance_as_gains():
     brute = _brute_force_random(truth.astype(float), 0.5, 3, (1, 2))
     for key in ("ndcg3", "r1", "r2", "mrr"):
         assert exact[key] == pytest.approx(brute[key], abs=1e-12), key
+
+
+def test_ndcg_at_k_takes_boolean_gains():
+    """Binary relevance as a boolean matrix: the gains 0 and 1 (scikit-learn on the same matrix as floats)."""
+    from sklearn.metrics import ndcg_score
+
+    from imem.metrics import ndcg_at_k
+
+    rng = np.random.default_rng(3)
+    truth, scores = rng.random((6, 8)) > 0.6, rng.random((6, 8))
+    truth[:, 0] = True
+    got = ndcg_at_k(truth, scores, 3)
+    for i in range(6):
+        assert got[i] == pytest.approx(ndcg_score(truth[i:i + 1].astype(float), scores[i:i + 1], k=3), abs=1e-12)
