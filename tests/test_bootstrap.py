@@ -187,6 +187,10 @@ def test_percentile_interval_by_hand_and_non_finite_values_left_out():
     assert all(np.isnan(x) for x in bootstrap.interval(np.array([np.nan, -np.inf])))
     iv = bootstrap.intervals({"a": np.array([0.1234567, 0.2, 0.3]), "b": np.full(3, np.nan)}, level=0.5)
     assert iv == {"lo": {"a": round(0.1234567 + 0.5 * (0.2 - 0.1234567), 6)}, "hi": {"a": 0.25}}
+    # rounded to 6 decimals on both ends; the default level is 95 %: positions 0.05 and 1.95 of 0, 1, 2 (x 0.1234567)
+    iv = bootstrap.intervals({"a": np.array([0.0, 0.1234567, 0.2469134])})
+    assert iv == {"lo": {"a": round(0.05 * 0.1234567, 6)}, "hi": {"a": round(1.95 * 0.1234567, 6)}}
+    assert iv["hi"]["a"] == 0.240741
 
 
 def test_paired_difference_over_the_resamples_where_both_are_defined():

@@ -83,6 +83,15 @@ def test_resampled_row_weights_pairs_by_clip_times_image_draws_and_queries_by_th
     # no drawn pair: no similarity columns; no rankings: no ranking columns
     none = ev.resampled_row(pred, true, e, np.array([1]), np.array([0]), 0.7, 2, None)
     assert "sim_mse" not in none and not any(k.startswith("m2i") for k in none)
+    # a single pair drawn once still has its columns; the last clip and image undrawn (counts padded to the
+    # tables' lengths); the music side's VA from the drawn clips
+    pred["music_va"], true["music_va"] = np.array([[0.5, 0.5], [0.9, 0.1]]), np.array([[0.5, 0.7], [0.6, 0.1]])
+    one = ev.resampled_row(pred, true, e, np.array([1]), np.array([2]), 0.7, 2, None)
+    assert one["sim_mse"] == pytest.approx(0.04) and one["music_valence_mae"] == pytest.approx(0.3)
+    first = ev.resampled_row(pred, true, e, np.array([0, 0]), np.array([0, 1]), 0.7, 2, ranks)
+    assert first["sim_mse"] == pytest.approx((2 * 0.09 + 2 * 0.81) / 4)
+    assert first["music_arousal_mse"] == pytest.approx(0.04) and first["m2i_sim_r1"] == 1.0
+    assert first["i2m_sim_mrr"] == pytest.approx(retrieval(PRED["sim_matrix"].T[[0, 1]], TRUTH.T[[0, 1]], 0.7)["mrr"])
 
 
 def test_seed_summary_means_sample_stds_and_common_columns():
@@ -92,6 +101,8 @@ def test_seed_summary_means_sample_stds_and_common_columns():
     assert s["mean"] == {"a": round(7 / 3, 6), "b": 5.0}
     assert s["std"]["a"] == round(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2), 6)
     assert s["std"]["b"] == round(math.sqrt((9 + 1 + 16) / 2), 6)
+    two = ev.seed_summary(rows[:2], [1, 2], [4, 5])
+    assert two["std"] == {"a": round(math.sqrt(0.5), 6), "b": round(math.sqrt(2.0), 6)}
     one = ev.seed_summary(rows[:1], [7], [2])
     assert "std" not in one and one["mean"] == {"a": 1.0, "b": 2.0, "c": 5.0}
     assert ev._round({"x": 0.12345678, "y": math.nan, "z": 3}) == {"x": 0.123457, "y": pytest.approx(math.nan, nan_ok=True), "z": 3}
