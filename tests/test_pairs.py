@@ -126,6 +126,11 @@ def test_similarity_matrix_is_element_wise_accurate_and_one_on_identical_va():
     assert s.shape == (300, 200) and s.dtype == np.float64 and s[5, 7] == 1.0
     d = -0.4 * np.log(s)
     assert np.abs(d - d64).max() < 2.5e-7
+    # the distances are float32 whatever the input's dtype (the committed S depend on it): float64 VA give the
+    # very same S as their float32 values
+    c64, i64 = c.astype(np.float64) + 1e-12, i.astype(np.float64)
+    np.testing.assert_array_equal(similarity_matrix(c64, i64, 0.4), similarity_matrix(c64.astype(np.float32), i, 0.4))
+    np.testing.assert_array_equal(similarity_matrix(c, i64, 0.4), s)
 
 
 def test_random_others_in_a_large_pool_are_distinct_new_and_uniform():
