@@ -242,3 +242,10 @@ def test_plan_draws_every_unit_equally_often_on_average_and_empty_tables_draw_no
     # P(a given unit is not drawn) = (1 - 1/5)^5 = 0.328
     assert (plan.clip_counts == 0).mean() == pytest.approx(0.8 ** 5, abs=0.02)
     assert bootstrap.make_plan(["a"], ["i"], n=2.0, seed=1).n == 2
+
+
+def test_one_resample_is_allowed_and_music_and_images_draw_from_separate_streams():
+    ids = [str(i) for i in range(30)]
+    assert bootstrap.make_plan(ids, ids, n=1, seed=0).n == 1
+    plan = bootstrap.make_plan(ids, ids, n=50, seed=4)  # the same ids on both sides: different draws
+    assert not np.array_equal(plan.clip_counts, plan.image_counts)
