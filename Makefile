@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro repro-check repro-tolerance compare-all imemnet-scale test data lint bench plots-template clean-venv
+.PHONY: install repro repro-check repro-tolerance compare-all imemnet-scale test data lint bench plots-template mutation clean-venv
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,18 @@ plots-template: install
 	done
 	python -m imem.dvc_plots .plots-npm
 	rm -rf .plots-npm
+
+# Mutation testing of the modules whose formulas the results rest on (issue 21; on demand, not in CI):
+# mutmut mutates them ([tool.mutmut] in pyproject.toml) and runs the fast tests that reach each mutant;
+# then the per-module score, with docs/testing.md's equivalent mutants set aside. MUTANTS narrows the run
+# (mutmut name globs, e.g. MUTANTS='imem.metrics* imem.losses*'); results are cached in mutants/ between
+# runs (delete it to start over). Runtimes on 2 cores: docs/testing.md.
+MUTANTS ?=
+mutation: install
+	$(BIN)/python -m pip install --quiet -e ".[dev,mutation]"
+	mutmut run $(MUTANTS) > mutants.log 2>&1 || (tail -c 2000 mutants.log; exit 1)
+	@tail -c 300 mutants.log | tr '\r' '\n' | tail -n 2
+	python benchmarks/mutation_summary.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,8 @@
 """The bootstrap over test songs and images (imem.bootstrap), the vectorised Spearman it relies on, and the
 comparison's significance rule (imem.comparison.winners / paired_table)."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -173,3 +175,77 @@ def test_rank_metrics_resample_the_queries_over_the_whole_candidate_pool():
     reps = bootstrap.replicate(lambda c, i: {"p": matching_resampled(truth, truth, "sim", 0.5, 10, c, i)}, plan,
                                progress=False)
     assert np.nanmin(reps["p"]["m2i_sim_r1"]) == 1.0 and np.nanmin(reps["p"]["i2m_sim_mrr"]) == 1.0
+
+
+# Mutation testing (issue 21, docs/testing.md): the interval, paired, replicate and mean_over rules by hand.
+
+def test_percentile_interval_by_hand_and_non_finite_values_left_out():
+    # 0, 1, ..., 100: the 5th and 95th percentiles of a 90 % interval are 5 and 95 exactly (linear interpolation)
+    v = np.concatenate([np.arange(101.0), [np.nan, np.inf]])
+    assert bootstrap.interval(v, 0.9) == (pytest.approx(5.0), pytest.approx(95.0))
+    # four values: positions 0.075 and 2.925 (0.025 and 0.975 of n - 1 = 3)
+    lo, hi = bootstrap.interval(np.array([4.0, 0.0, 2.0, 1.0]))
+    assert lo == pytest.approx(0.075) and hi == pytest.approx(2.0 + 0.925 * 2.0)
+    assert all(np.isnan(x) for x in bootstrap.interval(np.array([np.nan, -np.inf])))
+    iv = bootstrap.intervals({"a": np.array([0.1234567, 0.2, 0.3]), "b": np.full(3, np.nan)}, level=0.5)
+    assert iv == {"lo": {"a": round(0.1234567 + 0.5 * (0.2 - 0.1234567), 6)}, "hi": {"a": 0.25}}
+    # rounded to 6 decimals on both ends; the default level is 95 %: positions 0.05 and 1.95 of 0, 1, 2 (x 0.1234567)
+    iv = bootstrap.intervals({"a": np.array([0.0, 0.1234567, 0.2469134])})
+    assert iv == {"lo": {"a": round(0.05 * 0.1234567, 6)}, "hi": {"a": round(1.95 * 0.1234567, 6)}}
+    assert iv["hi"]["a"] == 0.240741
+
+
+def test_paired_difference_over_the_resamples_where_both_are_defined():
+    a = np.array([1.0, 2.0, np.nan, 4.0, 5.0])
+    b = np.array([0.5, 2.5, 1.0, np.nan, 3.0])
+    d, lo, hi = bootstrap.paired(a, b, level=0.5)
+    assert d == pytest.approx((0.5 - 0.5 + 2.0) / 3)  # differences 0.5, -0.5, 2.0
+    assert (lo, hi) == (pytest.approx(0.0), pytest.approx(1.25))  # their 25th and 75th percentiles
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no resample with both defined: NaN, without a mean-of-empty warning
+        assert all(np.isnan(x) for x in bootstrap.paired(np.array([np.nan]), np.array([1.0])))
+
+
+def test_replicate_fills_a_metric_a_resample_leaves_out_with_nan_and_plan_indices_repeat_draws():
+    plan = bootstrap.Plan(np.array([[2, 0, 1], [0, 1, 1]]), np.array([[0, 3], [1, 1]]), seed=0)
+    assert plan.n == 2
+    assert plan.clips(0).tolist() == [0, 0, 2] and plan.clips(1).tolist() == [1, 2]
+    assert plan.images(0).tolist() == [1, 1, 1] and plan.images(1).tolist() == [0, 1]
+
+    def score(ci, ii):
+        out = {"m": {"n_clips": len(ci)}}
+        if len(ii) == 2:
+            out["m"]["only_second"] = ci.sum()
+            out["x"] = {"y": 7}
+        return out
+
+    reps = bootstrap.replicate(score, plan, progress=False)
+    assert reps["m"]["n_clips"].tolist() == [3.0, 2.0] and reps["m"]["n_clips"].dtype == np.float64
+    assert np.isnan(reps["m"]["only_second"][0]) and reps["m"]["only_second"][1] == 3.0
+    assert np.isnan(reps["x"]["y"][0]) and reps["x"]["y"][1] == 7.0
+
+
+def test_mean_over_seeds_keeps_the_metrics_every_run_has():
+    runs = [{"a": np.array([1.0, 2.0]), "b": np.array([0.0, 0.0])}, {"a": np.array([3.0, 6.0]), "c": np.zeros(2)}]
+    got = bootstrap.mean_over(runs)
+    assert list(got) == ["a"] and got["a"].tolist() == [2.0, 4.0]
+    assert bootstrap.mean_over([]) == {}
+
+
+def test_plan_draws_every_unit_equally_often_on_average_and_empty_tables_draw_nothing():
+    """Multinomial draws of n units with probability 1/n each: every unit is drawn once per resample on average
+    (and the draw counts sum to n); no images -> a (n, 0) count table."""
+    plan = bootstrap.make_plan([str(i) for i in range(5)], [], n=4000, seed=0)
+    assert plan.image_counts.shape == (4000, 0) and plan.seed == 0
+    assert (plan.clip_counts.sum(axis=1) == 5).all()
+    np.testing.assert_allclose(plan.clip_counts.mean(axis=0), 1.0, atol=0.05)
+    # P(a given unit is not drawn) = (1 - 1/5)^5 = 0.328
+    assert (plan.clip_counts == 0).mean() == pytest.approx(0.8 ** 5, abs=0.02)
+    assert bootstrap.make_plan(["a"], ["i"], n=2.0, seed=1).n == 2
+
+
+def test_one_resample_is_allowed_and_music_and_images_draw_from_separate_streams():
+    ids = [str(i) for i in range(30)]
+    assert bootstrap.make_plan(ids, ids, n=1, seed=0).n == 1
+    plan = bootstrap.make_plan(ids, ids, n=50, seed=4)  # the same ids on both sides: different draws
+    assert not np.array_equal(plan.clip_counts, plan.image_counts)

@@ -109,3 +109,121 @@ def test_audit_of_the_published_imemnet_lists():
     assert shared["pair_lines_of_val"] == 4114
     assert (r["splits"]["test"]["duplicate_lines"], r["splits"]["val"]["duplicate_lines"]) == (9, 7)
     assert r["clean"] is False
+
+
+# Mutation testing (issue 21, docs/testing.md): the branches the tests above do not reach.
+
+def test_similarity_matrix_is_element_wise_accurate_and_one_on_identical_va():
+    """S of every clip x image from the element-wise distance: within 2 float32 ulps of the float64 distance
+    (torch's matrix-product expansion errs ~100x more at these scales), exactly 1 where the VA are equal."""
+    from imem.data.pairs import similarity_matrix
+
+    rng = np.random.default_rng(0)
+    c, i = rng.random((300, 2)).astype(np.float32), rng.random((200, 2)).astype(np.float32)
+    c[5] = i[7]
+    d64 = np.sqrt(((c[:, None, :].astype(np.float64) - i[None]) ** 2).sum(-1))
+    s = similarity_matrix(c, i, 0.4)
+    assert s.shape == (300, 200) and s.dtype == np.float64 and s[5, 7] == 1.0
+    d = -0.4 * np.log(s)
+    assert np.abs(d - d64).max() < 2.5e-7
+    # the distances are float32 whatever the input's dtype (the committed S depend on it): float64 VA give the
+    # very same S as their float32 values
+    c64, i64 = c.astype(np.float64) + 1e-12, i.astype(np.float64)
+    np.testing.assert_array_equal(similarity_matrix(c64, i64, 0.4), similarity_matrix(c64.astype(np.float32), i, 0.4))
+    np.testing.assert_array_equal(similarity_matrix(c, i64, 0.4), s)
+
+
+def test_random_others_in_a_large_pool_are_distinct_new_and_uniform():
+    """The large-pool branch (draw, then redraw rows with a repeat or a clash): per row k distinct indices in
+    range and outside the row's chosen ones, each index about equally often; a pool just above the branch's
+    threshold (many clashes to redraw) still gives valid rows."""
+    from imem.data.pairs import _random_others
+
+    rng = np.random.default_rng(1)
+    chosen = np.stack([rng.choice(500, 20, replace=False) for _ in range(400)])
+    out = _random_others(chosen, 500, 30, np.random.default_rng(2))
+    assert out.shape == (400, 30) and out.min() >= 0 and out.max() < 500
+    for row, ch in zip(out, chosen, strict=True):
+        assert len(set(row)) == 30 and not set(row) & set(ch)
+    counts = np.bincount(out.ravel(), minlength=500)
+    assert counts.mean() == 24.0 and counts.std() < 2 * np.sqrt(24.0)  # about binomial, no index favoured
+    tight = _random_others(chosen[:50, :5], 4 * (5 + 5) + 1, 5, np.random.default_rng(3))
+    for row, ch in zip(tight, chosen[:50, :5], strict=True):
+        assert len(set(row)) == 5 and not set(row) & set(ch) and row.max() <= 40
+    # small pools: what is left, all of it; none asked or none left: an empty (rows, 0) block
+    left = _random_others(np.array([[0, 2, 4]]), 6, 10, np.random.default_rng(0))
+    assert sorted(left[0]) == [1, 3, 5]
+    assert _random_others(np.array([[0, 1]]), 2, 5, rng).shape == (1, 0)
+    assert _random_others(np.zeros((0, 2), dtype=np.int64), 50, 5, rng).shape == (0, 0)
+
+
+def test_more_top_images_asked_than_the_split_has():
+    clips, images = _tables(30, 36)  # 12 images per split: all 12 are 'top', none 'bottom' or 'random'
+    sp = sample_pairs(clips, images, top=15, bottom=10, random=30, keep_fraction=1.0, seed=0, progress=False)
+    for p in sp.pairs.values():
+        assert set(p["kind"]) == {"top"} and p.groupby("clip_id").size().eq(12).all()
+    sp = sample_pairs(clips, images, top=0, bottom=3, random=2, keep_fraction=1.0, seed=0, progress=False)
+    for p in sp.pairs.values():
+        assert p.groupby("kind").size().to_dict() == {"bottom": 10 * 3, "random": 10 * 2}
+    with pytest.raises(Exception, match="has clips but no images"):
+        sample_pairs(clips, images[images["split"] != "val"], progress=False)
+    with pytest.raises(Exception, match="no column 'arousal'"):
+        sample_pairs(clips, images.drop(columns="arousal"), progress=False)
+
+
+def test_pair_list_blank_lines_field_count_and_non_finite_scores(tmp_path):
+    from imem.errors import ImemError
+
+    p = tmp_path / "val_matching.txt"
+    p.write_text("\n1967-11 7033 0\n   \n1967-12 7034 1\n")
+    df = read_pair_list(p)
+    assert df["score"].tolist() == [0.0, 1.0] and df["image_id"].tolist() == ["7033", "7034"]
+    for body, msg in (("1967-11 7033\n", r"val_matching.txt:1: expected '<clip_id> <image_id> <score>'"),
+                      ("1967-11 7033 0.5 x\n", r":1: expected"), ("1967-11 7033 nan\n", r":1: score nan is outside"),
+                      ("1967-11 7033 -0.01\n", r":1: score -0.01 is outside"), ("1967-11 7033 abc\n", r":1: could not"),
+                      ("\n\n", r"no pairs in the file")):
+        p.write_text(body)
+        with pytest.raises(ImemError, match=msg):
+            read_pair_list(p)
+    with pytest.raises(ImemError, match="pair list not found"):
+        read_pair_list(tmp_path / "nope.txt")
+
+
+def test_pairs_must_name_prepared_items():
+    from imem.data.pairs import check_pairs_resolve
+    from imem.errors import ImemError
+
+    pairs = pd.DataFrame({"clip_id": ["1-9", "1-10", "2-9"], "image_id": ["a", "b", "b"]})
+    check_pairs_resolve(pairs, {"1-9", "1-10", "2-9"}, {"a", "b"}, "val")
+    with pytest.raises(ImemError, match=r"val: image id 'b' matches no image of the corpus \(2 pairs affected\)"):
+        check_pairs_resolve(pairs, {"1-9", "1-10", "2-9"}, {"a"}, "val")
+    with pytest.raises(ImemError, match=r"val: clip id '1-10' matches no clip of the corpus \(1 pairs affected\)"):
+        check_pairs_resolve(pairs, {"1-9", "2-9"}, set(), "val")
+
+
+def test_audit_counts_by_hand_and_its_markdown():
+    tr = pd.DataFrame({"clip_id": ["1-9", "1-10", "2-9", "2-9"], "image_id": ["a", "b", "a", "a"],
+                       "score": [0.1, 0.2, 0.3, 0.35]})
+    te = pd.DataFrame({"clip_id": ["3-9", "1-9", "3-10"], "image_id": ["c", "a", "d"], "score": [0.4, 0.1, 0.5]})
+    va = pd.DataFrame({"clip_id": ["4-9"], "image_id": ["e"]})  # no score column
+    r = leakage_audit({"train": tr, "test": te, "val": va})
+    assert r["splits"]["train"] == {"songs": 2, "clips": 3, "images": 2, "pairs": 3, "pair_lines": 4,
+                                    "duplicate_lines": 0, "duplicate_pair_keys": 1}
+    assert r["splits"]["val"]["duplicate_lines"] == 0 and r["splits"]["val"]["pairs"] == 1
+    assert r["shared"]["train~test"] == {"songs": 1, "clips": 1, "images": 1, "pairs": 1, "pair_lines_of_train": 1,
+                                         "songs_of_train_in_test": "1/2"}
+    assert r["shared"]["train~val"]["songs"] == 0 and r["shared"]["test~val"]["songs_of_test_in_val"] == "0/2"
+    assert set(r["shared"]) == {"train~test", "train~val", "test~val"}
+    # a repeated (clip, image) key alone makes the corpus unclean
+    assert leakage_audit({"train": tr, "val": va})["clean"] is False
+    assert leakage_audit({"train": tr.iloc[:3], "val": va})["clean"] is True
+    from imem.data.pairs import audit_markdown
+
+    text = audit_markdown(r, "Leakage audit (x)")
+    md = text.splitlines()
+    assert md[0] == "# Leakage audit (x)"
+    assert "| train | 2 | 3 | 2 | 4 | 3 | 0 | 1 |" in md and "| train~test | 1 | 1 | 1 | 1 |" in md
+    assert md[-1] == "Verdict: LEAKAGE or duplicates found (see the counts above)." and text.endswith(".\n")
+    assert md[-2] == "" and md[1] == "" and md[3] == "|---|---|---|---|---|---|---|---|"
+    clean = audit_markdown(leakage_audit({"val": va}), "t")
+    assert clean.endswith("\nVerdict: no leakage between splits and no duplicate pairs.\n")

@@ -172,3 +172,31 @@ def test_a_failing_stage_leaves_previous_outputs_untouched(corpus, tmp_path):
 def test_stage_script_is_thin():
     src = (Path(__file__).resolve().parents[1] / "stages" / "prepare.py").read_text()
     assert len(src.splitlines()) < 20
+
+
+def test_split_takes_a_seeded_permutation_of_the_sorted_unique_ids_in_train_val_test_order():
+    """The documented rule, from its parts: the unique ids sorted as text, numpy's permutation for the seed, the
+    first round((1 - val - test) n) to train, the next round(val n) to val, the rest to test; repeated ids
+    count once and the input order does not matter."""
+    ids = np.array([f"s{i}" for i in (5, 3, 12, 0, 7, 1, 9, 2, 11, 4, 8, 10, 6)] + ["s3", "s7"])
+    got = split_ids(ids, {"train": 0.6, "val": 0.25, "test": 0.15}, 4, "songs")
+    uniq = sorted(set(ids))  # 13 ids: val round(3.25) = 3, test round(1.95) = 2, train 8
+    perm = np.random.default_rng(4).permutation(13)
+    want = {uniq[j]: "train" for j in perm[:8]} | {uniq[j]: "val" for j in perm[8:11]} | {uniq[j]: "test" for j in perm[11:]}
+    assert got == want
+    assert split_ids(ids[::-1], {"train": 0.6, "val": 0.25, "test": 0.15}, 4, "songs") == want
+
+
+def test_split_fractions_are_checked():
+    ids = np.array([str(i) for i in range(40)])
+    for bad in ({"train": 0.8, "val": 0.3, "test": -0.1}, {"train": 0.8, "val": 0.1, "test": 0.2},
+                {"train": 0.8, "val": 0.1, "test": 0.0999}):
+        with pytest.raises(ImemError, match="must be >= 0 and sum to 1"):
+            split_ids(ids, bad, 0, "songs")
+    with pytest.raises(ImemError, match="unknown key 'prepare.split.tset'"):
+        split_ids(ids, {"train": 0.8, "val": 0.1, "tset": 0.1}, 0, "songs")
+    with pytest.raises(ImemError, match="split 'test' is empty: 40 songs"):  # a missing fraction is 0
+        split_ids(ids, {"train": 0.9, "val": 0.1}, 0, "songs")
+    # within the 1e-6 tolerance of 1, and a split of exactly one id
+    counts = pd.Series(split_ids(ids, {"train": 0.95, "val": 0.025, "test": 0.0250000001}, 0, "songs")).value_counts()
+    assert counts.to_dict() == {"train": 38, "val": 1, "test": 1}
