@@ -90,6 +90,12 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def _summary(args: argparse.Namespace) -> None:
+    from imem.summary import compact
+
+    print(compact(args.comparison, stats=args.stats))
+
+
 def _retrieve(args: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -239,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("summary", help="the comparison's headline numbers in 100 columns (what `make repro` prints)")
     sm.add_argument("--comparison", default="reports/comparison/comparison.csv", help="the compare stage's CSV")
     sm.add_argument("--stats", default="reports/prepare/stats.json", help="the prepare stage's stats (corpus name)")
-    sm.set_defaults(fn=lambda a: print(__import__("imem.summary", fromlist=["compact"]).compact(a.comparison,
-                                                                                                stats=a.stats)))
+    sm.set_defaults(fn=_summary)
 
     rp = sub.add_parser("repro", help="the reproducibility contract: check regenerated outputs against git, or "
                         "measure how trained outputs move on another (simulated) CPU")

@@ -9,6 +9,7 @@ then where the full tables are.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -33,15 +34,14 @@ def compact(path: str | Path = "reports/comparison/comparison.csv", width: int =
             stats: str | Path = "reports/prepare/stats.json") -> str:
     """The summary text of a comparison.csv; every line at most ``width`` characters. ``stats``: the prepare
     stage's stats.json, which names the corpus (left out when absent)."""
-    import json
     try:
         df = pd.read_csv(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ImemError(f"{path}: no comparison table (run `make repro` or `dvc repro compare`): {exc}") from exc
-    missing = [c for c, _ in COLUMNS if c not in df.columns] + [c for c in ("row",) if c not in df.columns]
+    missing = [c for c in (*(c for c, _ in COLUMNS), "row") if c not in df.columns]
     if missing:
         raise ImemError(f"{path}: not a comparison table (no column {missing[0]!r})")
-    first, first_head = COLUMNS[0]
+    first = COLUMNS[0][0]
     heads = [f"{h} {'v' if c in LOWER_IS_BETTER else '^'}" for c, h in COLUMNS]
     cell = [24] + [12] * (len(COLUMNS) - 1)
     try:

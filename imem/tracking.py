@@ -189,7 +189,7 @@ def set_experiment(name: str):
                 "(docs/training.md, 'A copied checkout')")
     text = EXPERIMENT_DESCRIPTIONS.get(name)
     if text and exp.tags.get("mlflow.note.content") != text:
-        mlflow.tracking.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.note.content", text)
+        client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", text)
     return exp
 
 

@@ -23,7 +23,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,37 +504,31 @@ class Trainer:
             outs.append(out["sim"].float().cpu())
         return torch.cat(outs)
 
+    def _targets(self, split: str) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+        """Per target (sim, then each side's valence and arousal) on ``split``: (name, prediction, truth, the
+        training set's mean of the truth: the mean predictor's constant)."""
+        tr, d = self.data["train"], self.data[split]
+        out = []
+        if self.kind == "matching":
+            out.append(("sim", self.predict_sim(d), d.score, float(tr.score.mean())))
+        for side in self.sides:
+            rows, va = getattr(d, f"items_{side}")
+            _, va_tr = getattr(tr, f"items_{side}")
+            pred = self.predict_va(side, rows)
+            out += [(f"{side}_{dim}", pred[:, j], va[:, j], float(va_tr[:, j].mean()))
+                    for j, dim in enumerate(("valence", "arousal"))]
+        return out
+
     def mse_report(self, split: str) -> dict:
         """MSE of the model and of the mean predictor (training-set means) on ``split``, per target."""
-        tr, d = self.data["train"], self.data[split]
-        rep = {}
-        if self.kind == "matching":
-            pred = self.predict_sim(d)
-            rep["sim_mse"] = (float(mse(pred, d.score)), float(mse(torch.full_like(d.score, float(tr.score.mean())), d.score)))
-        for side in self.sides:
-            rows, va = getattr(d, f"items_{side}")
-            _, va_tr = getattr(tr, f"items_{side}")
-            pred = self.predict_va(side, rows)
-            for j, dim in enumerate(("valence", "arousal")):
-                rep[f"{side}_{dim}_mse"] = (float(mse(pred[:, j], va[:, j])),
-                                            float(mse(torch.full_like(va[:, j], float(va_tr[:, j].mean())), va[:, j])))
-        return rep
+        return {f"{name}_mse": (float(mse(pred, true)), float(mse(torch.full_like(true, mean), true)))
+                for name, pred, true, mean in self._targets(split)}
 
     def error_table(self, split: str) -> pd.DataFrame:
-        """Per target (sim, then each side's valence and arousal): MSE and MAE of the model and of the mean
-        predictor (training-set means) on ``split``, as evaluation's regression table reports them."""
-        tr, d = self.data["train"], self.data[split]
-        targets = []
-        if self.kind == "matching":
-            targets.append(("sim", self.predict_sim(d), d.score, float(tr.score.mean())))
-        for side in self.sides:
-            rows, va = getattr(d, f"items_{side}")
-            _, va_tr = getattr(tr, f"items_{side}")
-            pred = self.predict_va(side, rows)
-            targets += [(f"{side}_{dim}", pred[:, j], va[:, j], float(va_tr[:, j].mean()))
-                        for j, dim in enumerate(("valence", "arousal"))]
+        """Per target: MSE and MAE of the model and of the mean predictor on ``split``, as evaluation's
+        regression table reports them (a tuning trial's table)."""
         out = []
-        for name, pred, true, mean in targets:
+        for name, pred, true, mean in self._targets(split):
             true = true.double().cpu().numpy()
             model, base = regression(pred.double().cpu().numpy(), true), regression(np.full_like(true, mean), true)
             out.append({"split": split, "target": name, "mse": model["mse"], "mae": model["mae"],
@@ -823,18 +816,6 @@ def log_pyfunc(checkpoint: Path, image_size: int) -> None:
 
     import imem
 
-    with warnings.catch_warnings():
-        # an input example would be a file of this machine: MLflow's advice to give one does not apply
-        warnings.filterwarnings("ignore", message=r".*An input example was not provided")
-        mlflow.pyfunc.log_model(name="model", python_model=str(Path(imem.__file__).parent / "mlflow_model.py"),
-                                artifacts={"checkpoint": str(checkpoint)}, model_config={"image_size": int(image_size)},
-                                pip_requirements=[f"imem=={imem_version()}"])
-
-
-def imem_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("imem")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.1.0"
+    mlflow.pyfunc.log_model(name="model", python_model=str(Path(imem.__file__).parent / "mlflow_model.py"),
+                            artifacts={"checkpoint": str(checkpoint)}, model_config={"image_size": int(image_size)},
+                            pip_requirements=[f"imem=={imem.__version__}"])

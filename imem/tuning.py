@@ -732,6 +732,8 @@ def study_figures(study: optuna.Study, out_dir: Path, objective: str, seed: int)
     from optuna.visualization import matplotlib as ovm
 
     n = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    if n < 1:
+        return []
     plots = {"optimization_history": lambda: ovm.plot_optimization_history(study, target_name=objective),
              "slice": lambda: ovm.plot_slice(study, target_name=objective),
              "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study, target_name=objective)}
@@ -739,8 +741,6 @@ def study_figures(study: optuna.Study, out_dir: Path, objective: str, seed: int)
         plots["param_importances"] = lambda: ovm.plot_param_importances(
             study, evaluator=FanovaImportanceEvaluator(seed=seed), target_name=objective)
     written = []
-    if n < 1:
-        return written
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)  # matplotlib: a one-trial axis has equal limits (widened)
